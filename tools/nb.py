@@ -10,7 +10,7 @@
 
 A clean notebook has no execution-count noise (code cells with outputs are numbered
 1, 2, 3 ... in order; cells without outputs have none), no per-cell metadata except
-tags, no widget state, progress-bar streams collapsed to their final line, and a
+tags, no widget state or widget outputs, progress-bar streams collapsed to their final line, and a
 fixed kernelspec.
 """
 
@@ -68,10 +68,10 @@ def clean(nb: Any) -> Any:
                 if outputs and outputs[-1].output_type == "stream" and outputs[-1].name == out.name:
                     outputs[-1].text += out.text
                     continue
-            if out.output_type in ("display_data", "execute_result"):
-                out.data.pop(WIDGET_MIME, None)
-                if not out.data:
-                    continue
+            if out.output_type in ("display_data", "execute_result") and WIDGET_MIME in out.data:
+                # A live widget (a progress bar, a slider): its text fallback shows the
+                # widget's first state, e.g. "0%|", which would mislead a reader.
+                continue
             outputs.append(out)
         cell.outputs = outputs
         if outputs:
