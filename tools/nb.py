@@ -21,8 +21,9 @@ import copy
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nbformat
 
@@ -167,16 +168,30 @@ def lab_pairs() -> list[tuple[Path, Path]]:
 # --------------------------------------------------------------------------- execution
 
 
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the kernels started inside the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def execute(path: Path, *, fast: bool = False, timeout: int = 3600) -> Any:
-    """Run a notebook top to bottom in a fresh kernel, in the repo root's environment."""
+    """Run a notebook top to bottom in a fresh kernel (full mode unless ``fast``)."""
     from nbclient import NotebookClient
 
-    os.environ["LORACORE_FAST"] = "1" if fast else "0"
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    client.execute()
+    with _environment(LORACORE_FAST="1" if fast else "0"):
+        client.execute()
     return nb
 
 
@@ -186,14 +201,14 @@ def grade(paths: list[Path]) -> int:
     from nbclient.exceptions import CellExecutionError
 
     notebooks = [q for p in paths for q in (sorted(p.glob("*.ipynb")) if p.is_dir() else [p])]
-    os.environ["LORACORE_FAST"] = "1"
     worst = 0
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         client = NotebookClient(nb, timeout=1800, kernel_name="python3", allow_errors=True,
                                 resources={"metadata": {"path": str(path.parent)}})
         try:
-            client.execute()
+            with _environment(LORACORE_FAST="1"):
+                client.execute()
         except CellExecutionError as exc:  # pragma: no cover - allow_errors keeps going
             print(f"{path}: kernel error {exc}")
             worst = 1
