@@ -160,8 +160,8 @@ def test_pick_device_matches_the_machine():
 def fake_gguf(monkeypatch, tmp_path):
     """Make a cache build fast: the 'GGUF' loads as the tiny model, into a private cache root."""
     monkeypatch.setenv("LORACORE_CACHE", str(tmp_path / "cache"))
-    tiny_model, tiny_tok = models.build_tiny_qwen2()
     calls = {"n": 0}
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
 
     def fake_model(*args, **kwargs):
         calls["n"] += 1
