@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lab: venv
-	$(VENV)/bin/jupyter lab lessons/00_tour.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) lessons/00_tour.ipynb
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests $(NB_DIRS)
