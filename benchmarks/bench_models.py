@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracore import models
-from loracore.bench import median_time, write_result
+from loracore.bench import interleaved_medians, median_time, write_result
 
 
 def main() -> None:
@@ -65,8 +65,9 @@ def main() -> None:
             m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False)
 
-    t_ours = median_time(lambda: generate(model), repeats=repeats, warmup=1)
-    t_ref = median_time(lambda: generate(reference), repeats=repeats, warmup=1)
+    gen = interleaved_medians({"ours": lambda: generate(model),
+                               "ref": lambda: generate(reference)}, repeats=repeats, warmup=1)
+    t_ours, t_ref = gen["ours"], gen["ref"]
 
     rows = [
         {"what": "load SmolLM2-135M (cached) vs GGUF load", "loracore": cached,

@@ -37,6 +37,31 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2) -> 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int = 7,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn within every round.
+
+    Interleaving puts loracore and its reference under the same load at the same moments,
+    so a busy machine slows both alike and their ratio stays meaningful.
+    """
+    if repeats < 1:
+        raise ValueError(f"interleaved_medians: repeats must be >= 1, got {repeats}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def machine() -> str:
     """A one-line description of the machine a benchmark ran on."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
