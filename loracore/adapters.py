@@ -1,0 +1,285 @@
+"""Adapter files: save and load LoRA weights in PEFT's on-disk format.
+
+A folder holds two files, exactly as ``peft.PeftModel.save_pretrained`` writes them:
+
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, in) and
+  ``...lora_B.weight`` (out, r) for every adapted module (no adapter name in the keys);
+- ``adapter_config.json``: ``peft_type``, ``r``, ``lora_alpha``, ``target_modules``,
+  ``use_rslora`` ... so ``PeftModel.from_pretrained(base, folder)`` loads it.
+
+loracore adds one key, ``"loracore"``, to the config: a fingerprint of the base model the
+adapter was trained on (architecture, target shapes, a hash of the targeted base weights).
+An adapter only means something on that exact base, so loading onto another is refused.
+Only safetensors are read: a pickle file (``.bin``, ``.pt``) can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from loracore.lora import LoRALinear, inject, is_float_linear, linear_layer_names, lora_layers
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+__all__ = ["save_adapter", "load_adapter", "base_fingerprint", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+
+def base_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
+    """What an adapter depends on: the model class, each target's ``[out, in]`` and a
+    SHA-256 of the targeted base weights (``None`` when any target is quantized).
+
+    The hash is taken on the weights rounded to bfloat16, so an adapter saved on a float32
+    base also matches the same base loaded in bfloat16. For a quantized base layer (not
+    ``nn.Linear``) the hash is ``None``: its stored values are not the original weights.
+    """
+    digest = hashlib.sha256()
+    hashable = True
+    targets = {}
+    for name in sorted(module_names):
+        layer = model.get_submodule(name)
+        base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+        if isinstance(layer, LoRALinear) and layer.merged:
+            raise ValueError(f"module {name!r} has merged adapters {layer.merged_adapters}; "
+                             f"unmerge() first, so the base weights can be fingerprinted")
+        targets[name] = [base.out_features, base.in_features]
+        if not is_float_linear(base):
+            hashable = False
+            continue
+        w = base.weight.detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(name.encode() + b"\0")
+        digest.update(w.view(torch.int16).numpy().tobytes())
+    return {"architecture": type(model).__name__, "targets": targets,
+            "weights_sha256": digest.hexdigest() if hashable else None}
+
+
+def _compare(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they agree)."""
+    problems = []
+    if saved.get("architecture") != current["architecture"]:
+        problems.append(f"architecture: adapter was trained on {saved.get('architecture')}, "
+                        f"this model is {current['architecture']}")
+    for name, shape in saved.get("targets", {}).items():
+        if name in current["targets"] and list(shape) != current["targets"][name]:
+            problems.append(f"module {name!r}: base layer was [out, in] = {list(shape)}, "
+                            f"here it is {current['targets'][name]}")
+    a, b = saved.get("weights_sha256"), current["weights_sha256"]
+    if not problems and a is not None and b is not None and a != b:
+        problems.append("base weights: the targeted weights hash differently (same shapes, "
+                        "different values: another checkpoint or a fine-tuned variant)")
+    return problems
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """``target_modules`` for the config: short names when they pick exactly ``names``,
+    else a regex over full names (PEFT treats a string as ``re.fullmatch``)."""
+    leaves = sorted({n.split(".")[-1] for n in names})
+    candidates = [n for n in linear_layer_names(model) if n.split(".")[-1] in leaves]
+    if sorted(candidates) == sorted(names):
+        return leaves
+    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: a crash leaves the old file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
+
+    Returns the folder. Each file is replaced atomically, and both carry the same save id,
+    so a crash mid-save leaves the previous adapter (or a mix that loading detects).
+    """
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
+    if not layers:
+        known = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
+        raise ValueError(f"save_adapter: no adapter named {adapter_name!r} in the model "
+                         f"(adapters: {known})")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_adapter: {folder} is a file; give a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
+    ranks = {n: m.r[adapter_name] for n, m in layers.items()}
+    alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
+    rslora = {m.use_rslora[adapter_name] for m in layers.values()}
+    dropout = {m.lora_dropout[adapter_name].p if isinstance(m.lora_dropout[adapter_name], nn.Dropout)
+               else 0.0 for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} mixes rsLoRA and plain scaling "
+                         f"across layers; PEFT's config has one use_rslora")
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    save_id = uuid.uuid4().hex
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropout),
+        "target_modules": _target_modules(model, list(layers)),
+        "use_rslora": rslora.pop(),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "loracore": {"save_id": save_id, "base_fingerprint": base_fingerprint(model, list(layers))},
+    }
+    _atomic_write(folder / WEIGHTS_NAME,
+                  lambda p: save_file(tensors, str(p), metadata={"format": "pt", "loracore_save_id": save_id}))
+    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    """(config, tensors, save id in the weights file) from an adapter folder."""
+    if path.is_file():
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            raise ValueError(f"load_adapter: {path} is a pickle file; loracore reads only safetensors, "
+                             f"because unpickling can run arbitrary code. Convert it with "
+                             f"safetensors.torch.save_file in a process you trust")
+        path = path.parent
+    weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not weights.exists():
+        pickles = [p.name for p in map(path.joinpath, PICKLE_NAMES) if p.exists()]
+        if pickles:
+            raise ValueError(f"load_adapter: {path} holds {pickles} but no {WEIGHTS_NAME}. loracore "
+                             f"reads only safetensors, because unpickling can run arbitrary code. "
+                             f"Convert it with safetensors.torch.save_file in a process you trust")
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path}")
+    if not config_file.exists():
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path}")
+    config = json.loads(config_file.read_text())
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_id = (f.metadata() or {}).get("loracore_save_id")
+    return config, tensors, save_id
+
+
+def _check_config(config: dict, path: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: {path} is a {config.get('peft_type')} adapter; only LORA is supported")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"load_adapter: {path} has {key}={config[key]!r}; loracore supports only "
+                             f"{key}={ok!r}")
+    if config.get("modules_to_save"):
+        raise ValueError(f"load_adapter: {path} also stores full copies of {config['modules_to_save']} "
+                         f"(modules_to_save), which loracore does not support")
+
+
+def _pattern_value(pattern: dict, name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: a key matches the full name or its tail."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
+                 strict: bool = True) -> nn.Module:
+    """Load an adapter folder written by loracore or PEFT into ``model`` (in place).
+
+    LoRA layers are injected where the file has weights (added as a new adapter where the
+    layer already has LoRA). ``adapter_name`` defaults to ``"default"``; the loaded adapter
+    becomes the active one. With ``strict=True`` an adapter whose recorded base fingerprint
+    differs from ``model`` is refused; ``strict=False`` loads it with a warning.
+    Returns ``model``.
+    """
+    path = Path(path)
+    adapter_name = adapter_name or "default"
+    config, tensors, file_save_id = _read_files(path)
+    _check_config(config, path)
+    ours = config.get("loracore") or {}
+    if ours.get("save_id") and file_save_id and ours["save_id"] != file_save_id:
+        raise ValueError(f"load_adapter: {CONFIG_NAME} and {WEIGHTS_NAME} in {path} come from two "
+                         f"different saves (an interrupted save?); save the adapter again")
+
+    # Module name -> (A, B) from keys like base_model.model.<name>.lora_A.weight
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise ValueError(f"load_adapter: {path / WEIGHTS_NAME} has tensor {key!r}, which is not a "
+                             f"LoRA A/B weight; loracore loads plain LoRA adapters only")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+
+    modules = dict(model.named_modules())
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"load_adapter: module {name!r} has only {sorted(ab)} in the file")
+        layer = modules.get(name)
+        if layer is None or not hasattr(layer, "in_features"):
+            raise ValueError(f"load_adapter: the adapter has weights for module {name!r}, which "
+                             f"{type(model).__name__} does not have (or is not linear)")
+        A, B = ab["lora_A"], ab["lora_B"]
+        r = A.shape[0]
+        for what, got, want in (("lora_A", A.shape, (r, layer.in_features)),
+                                ("lora_B", B.shape, (layer.out_features, r))):
+            if tuple(got) != want:
+                raise ValueError(f"load_adapter: module {name!r}: {what} in the file has shape "
+                                 f"{tuple(got)}, the model's layer needs {want}")
+        if isinstance(layer, LoRALinear) and adapter_name in layer.lora_A:
+            raise ValueError(f"load_adapter: module {name!r} already has an adapter named "
+                             f"{adapter_name!r}; pass another adapter_name or delete_adapter() first")
+
+    saved_fp = ours.get("base_fingerprint")
+    if saved_fp:
+        problems = _compare(saved_fp, base_fingerprint(model, list(pairs)))
+        if problems:
+            msg = (f"load_adapter: {path} was trained on a different base model:\n  - "
+                   + "\n  - ".join(problems))
+            if strict:
+                raise ValueError(msg + "\nAn adapter is tied to its exact base. Pass strict=False "
+                                       "to load it anyway.")
+            warnings.warn(msg, stacklevel=2)
+
+    # Inject layer groups sharing (r, alpha); each group targets exactly its full names.
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name, ab in pairs.items():
+        r = ab["lora_A"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+        groups.setdefault((r, alpha), []).append(name)
+    for (r, alpha), names in groups.items():
+        inject(model, "(" + "|".join(re.escape(n) for n in names) + ")", r, alpha,
+               lora_dropout=config.get("lora_dropout", 0.0) or 0.0, adapter_name=adapter_name,
+               use_rslora=bool(config.get("use_rslora", False)))
+
+    with torch.no_grad():
+        for name, ab in pairs.items():
+            layer = model.get_submodule(name)
+            for what in ("lora_A", "lora_B"):
+                weight = getattr(layer, what)[adapter_name].weight
+                weight.copy_(ab[what].to(weight.device, weight.dtype))
+    return model

@@ -1,0 +1,435 @@
+"""Invariants of the LoRA layer and of injection (loracore/lora.py).
+
+Every test that checks an output sets B to non-zero values first: with B = 0 the adapter
+adds nothing, and a test of it would pass whatever the code did.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from loracore.lora import (LoRALinear, delete_adapter, disable_adapters, inject, is_linear,
+                           linear_layer_names, lora_layers, loraplus_param_groups, merge_adapters,
+                           register_linear_type, remove_lora, set_adapter, trainable_parameters,
+                           unmerge_adapters)
+
+
+def tiny_qwen2() -> nn.Module:
+    """A seeded 2-layer Qwen2 (hidden 64, 4 heads, 2 kv heads): milliseconds to build."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def randomize_B(model_or_layer: nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    """Give every lora_B a non-zero value (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = ([model_or_layer] if isinstance(model_or_layer, LoRALinear)
+              else lora_layers(model_or_layer).values())
+    with torch.no_grad():
+        for layer in layers:
+            for lin in layer.lora_B.values():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+
+
+@pytest.fixture
+def layer() -> LoRALinear:
+    torch.manual_seed(0)
+    return LoRALinear(nn.Linear(16, 12), r=4, lora_alpha=8)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+# ---- the layer ----------------------------------------------------------------------------
+def test_shapes_init_and_scaling(layer):
+    assert layer.lora_A["default"].weight.shape == (4, 16)
+    assert layer.lora_B["default"].weight.shape == (12, 4)
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    a = layer.lora_A["default"].weight
+    bound = 1 / math.sqrt(16)  # kaiming_uniform_(a=sqrt(5)) on fan_in 16
+    assert a.abs().max() <= bound and a.std() > bound / 4
+    assert layer.scaling["default"] == 8 / 4
+    rs = LoRALinear(nn.Linear(16, 12), r=4, lora_alpha=8, use_rslora=True)
+    assert rs.scaling["default"] == 8 / math.sqrt(4)
+
+
+def test_base_is_frozen_and_kept(layer):
+    base = layer.base_layer
+    assert isinstance(base, nn.Linear)
+    inner = LoRALinear(base, r=2, lora_alpha=2)
+    assert inner.base_layer is base
+
+
+def test_zero_B_leaves_output_unchanged(layer, x):
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_forward_is_base_plus_scaled_low_rank(layer, x):
+    randomize_B(layer)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = x @ W.T + b + 2.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(layer(x), layer.base_layer(x))
+
+
+def test_get_delta_weight(layer):
+    randomize_B(layer)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(layer.get_delta_weight("default"), 2.0 * B @ A)
+    assert layer.get_delta_weight("default").shape == (12, 16)
+
+
+def test_merge_unmerge_round_trip(layer, x):
+    randomize_B(layer)
+    w0 = layer.base_layer.weight.detach().clone()
+    unmerged_out = layer(x)
+    layer.merge()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    assert not torch.allclose(layer.base_layer.weight, w0)
+    torch.testing.assert_close(layer(x), unmerged_out, atol=1e-5, rtol=1e-5)  # same function
+    torch.testing.assert_close(layer.base_layer(x), unmerged_out, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    layer.unmerge()  # nothing merged: a no-op
+
+
+def test_double_merge_is_refused(layer):
+    randomize_B(layer)
+    layer.merge()
+    w = layer.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, w)  # nothing was added twice
+
+
+def test_non_finite_merge_is_refused(layer):
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e38)
+        layer.lora_A["default"].weight.fill_(1e38)
+    w = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.base_layer.weight, w) and not layer.merged
+    layer.merge(safe=False)  # unsafe: does what it is told
+    assert not torch.isfinite(layer.base_layer.weight).all()
+
+
+def test_disabled_adapter_is_base_bit_for_bit(layer, x):
+    randomize_B(layer)
+    with layer.disable_adapters():
+        assert torch.equal(layer(x), layer.base_layer(x))
+    assert not torch.allclose(layer(x), layer.base_layer(x))
+
+
+def test_disable_while_merged_restores_the_merge(layer, x):
+    randomize_B(layer)
+    out = layer(x)
+    layer.merge()
+    with layer.disable_adapters():
+        assert not layer.merged
+        assert not torch.allclose(layer(x), out)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_two_active_adapters_add(layer, x):
+    layer.add_adapter("second", r=2, lora_alpha=4)
+    randomize_B(layer)
+    base = layer.base_layer(x)
+    layer.set_adapter("default")
+    d1 = layer(x) - base
+    layer.set_adapter("second")
+    d2 = layer(x) - base
+    layer.set_adapter(["default", "second"])
+    torch.testing.assert_close(layer(x), base + d1 + d2, atol=1e-6, rtol=1e-5)
+    both = layer.get_delta_weight("default") + layer.get_delta_weight("second")
+    layer.merge()
+    assert layer.merged_adapters == ["default", "second"]
+    torch.testing.assert_close(layer.base_layer(x), base + x @ both.T, atol=1e-5, rtol=1e-5)
+
+
+def test_add_adapter_activates_it_and_set_adapter_controls_training(layer):
+    layer.add_adapter("b", r=2, lora_alpha=2)
+    assert layer.active_adapters == ["b"]
+    assert not layer.lora_A["default"].weight.requires_grad
+    assert layer.lora_B["b"].weight.requires_grad
+    with pytest.raises(KeyError, match="nope"):
+        layer.set_adapter("nope")
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("b", r=2, lora_alpha=2)
+
+
+def test_delete_adapter(layer, x):
+    randomize_B(layer)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.delete_adapter("default")
+    layer.unmerge()
+    layer.delete_adapter("default")
+    assert list(layer.lora_A) == [] and layer.active_adapters == []
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.5), dict(lora_dropout=1.0)])
+def test_bad_adapter_arguments(bad):
+    kwargs = dict(r=2, lora_alpha=2.0) | bad
+    with pytest.raises(ValueError):
+        LoRALinear(nn.Linear(4, 4)).add_adapter("a", **kwargs)
+
+
+def test_wrapping_something_not_linear_is_refused():
+    with pytest.raises(TypeError, match="in_features"):
+        LoRALinear(nn.ReLU())
+
+
+def test_dropout_only_on_the_adapter_path(x):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), r=4, lora_alpha=8, lora_dropout=0.5)
+    randomize_B(layer)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))  # adapter path is random in training
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    with layer.disable_adapters():
+        layer.train()
+        assert torch.equal(layer(x), layer.base_layer(x))  # the base path never drops
+
+
+def test_gradients_reach_only_the_adapter(layer, x):
+    inject_model = nn.Sequential(layer)
+    for p in layer.base_layer.parameters():
+        p.requires_grad_(False)
+    inject_model(x).pow(2).sum().backward()
+    assert layer.base_layer.weight.grad is None
+    # At step 0, B = 0: B gets a gradient, A gets none (it only matters through B).
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+    assert layer.lora_A["default"].weight.grad.abs().sum() == 0
+
+
+def test_adapter_follows_base_dtype():
+    layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, lora_alpha=4)
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+# ---- a quantized stand-in base (what loracore.qlora.Linear4bit looks like to LoRA) ------------
+class FakeQuantLinear(nn.Module):
+    """A frozen layer storing int8 weights plus a scale: not nn.Linear, same interface."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        scale = lin.weight.detach().abs().max() / 127
+        self.register_buffer("qweight", torch.round(lin.weight.detach() / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.qweight.float() * self.scale).T
+
+
+def test_quantized_base_is_wrapped_unchanged_but_not_merged(x):
+    register_linear_type(FakeQuantLinear)
+    model = nn.Sequential(FakeQuantLinear(nn.Linear(16, 12)), nn.ReLU(), nn.Linear(12, 3))
+    assert is_linear(model[0])
+    inject(model, "all-linear", r=2, lora_alpha=4)
+    assert isinstance(model[0], LoRALinear) and isinstance(model[0].base_layer, FakeQuantLinear)
+    layer = model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    randomize_B(layer)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ layer.get_delta_weight("default").T,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="FakeQuantLinear"):
+        layer.merge()
+    remove_lora(model)
+    assert isinstance(model[0], FakeQuantLinear)
+
+
+# ---- a whole model ------------------------------------------------------------------------
+def test_inject_targets_freezes_and_counts():
+    model = tiny_qwen2()
+    total_before = sum(p.numel() for p in model.parameters())
+    inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    layers = lora_layers(model)
+    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    # q_proj 64->64, v_proj 64->32 (2 kv heads of 16): r * (in + out) each, two layers
+    want = 2 * (4 * (64 + 64) + 4 * (64 + 32))
+    trainable, total, pct = trainable_parameters(model)
+    assert trainable == want and total == total_before + want
+    assert pct == pytest.approx(100 * want / total)
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+
+
+def test_all_linear_excludes_the_output_head():
+    model = tiny_qwen2()
+    model.config.tie_word_embeddings = False
+    model.lm_head = nn.Linear(64, 128, bias=False)  # untied, so lm_head is an nn.Linear of its own
+    inject(model, "all-linear", r=2, lora_alpha=2)
+    names = {n.split(".")[-1] for n in lora_layers(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(lora_layers(model)) == 14 and isinstance(model.lm_head, nn.Linear)
+
+
+def test_bad_targets_list_the_linear_layers():
+    model = tiny_qwen2()
+    with pytest.raises(ValueError) as err:
+        inject(model, ["query", "value"], r=4, lora_alpha=8)
+    msg = str(err.value)
+    assert "match no linear layer" in msg
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in msg
+    with pytest.raises(ValueError, match="empty"):
+        inject(model, [], r=4, lora_alpha=8)
+    assert not lora_layers(model)  # a refused inject changed nothing
+
+
+def test_disabled_model_gives_base_logits_bit_for_bit(ids):
+    model = tiny_qwen2()
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    inject(model, "all-linear", r=4, lora_alpha=8)
+    randomize_B(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base_logits)
+        with disable_adapters(model):
+            assert torch.equal(model(ids).logits, base_logits)
+
+
+def test_model_merge_unmerge_and_adapters(ids):
+    model = tiny_qwen2()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    inject(model, ["q_proj", "o_proj"], r=2, lora_alpha=2, adapter_name="other")
+    randomize_B(model)
+    assert lora_layers(model)["model.layers.0.self_attn.q_proj"].active_adapters == ["other"]
+    set_adapter(model, "default")
+    with torch.no_grad():
+        want = model(ids).logits
+        merge_adapters(model)
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="already merged"):
+            merge_adapters(model)
+        unmerge_adapters(model)
+    for name, layer in lora_layers(model).items():
+        w0 = base_state[f"{name}.weight"]
+        assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    delete_adapter(model, "other")
+    assert "model.layers.0.self_attn.o_proj" in lora_layers(model)  # wrapped, no adapters left
+    with pytest.raises(KeyError):
+        set_adapter(model, "other")
+
+
+def test_remove_lora_gives_back_the_exact_original(ids):
+    model = tiny_qwen2()
+    original = copy.deepcopy(model)
+    model.model.embed_tokens.weight.requires_grad_(False)  # a flag remove_lora must restore
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    inject(model, "all-linear", r=4, lora_alpha=8)
+    randomize_B(model)
+    remove_lora(model)
+    assert not lora_layers(model)
+    assert repr(model) == repr(original)
+    sd, sd0 = model.state_dict(), original.state_dict()
+    assert list(sd) == list(sd0) and all(torch.equal(sd[k], sd0[k]) for k in sd)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_linear_layer_names_skip_lora_internals():
+    model = tiny_qwen2()
+    before = linear_layer_names(model)
+    inject(model, "all-linear", r=2, lora_alpha=2)
+    assert linear_layer_names(model) == before
+
+
+def test_loraplus_param_groups():
+    model = tiny_qwen2()
+    inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    groups = loraplus_param_groups(model, lr=1e-4, loraplus_lr_ratio=16)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"lora_A", "lora_B"}
+    assert by_name["lora_B"]["lr"] == pytest.approx(16e-4) and by_name["lora_A"]["lr"] == 1e-4
+    assert len(by_name["lora_A"]["params"]) == len(by_name["lora_B"]["params"]) == 4
+    torch.optim.AdamW(groups)  # a valid optimizer spec
+    with pytest.raises(ValueError, match="inject"):
+        loraplus_param_groups(tiny_qwen2(), lr=1e-4)
+
+
+def test_regex_target_and_reinjection_match_exact_names():
+    model = tiny_qwen2()
+    inject(model, r"model\.layers\.1\.mlp\.(up|down)_proj", r=2, lora_alpha=2)
+    assert sorted(lora_layers(model)) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    inject(model, ["down_proj"], r=4, lora_alpha=4, adapter_name="b")  # adds to the wrapped layer
+    layer = lora_layers(model)["model.layers.1.mlp.down_proj"]
+    assert sorted(layer.lora_A) == ["b", "default"] and layer.r == {"default": 2, "b": 4}
+    assert len(lora_layers(model)) == 3
+
+
+# ---- the lab's self-checks (loracore/checks/lab01.py) -------------------------------------
+def test_lab01_checks_pass_a_right_answer_and_explain_a_wrong_one(capsys):
+    from loracore.checks import lab01
+    from loracore.selfcheck import ExerciseFailed
+
+    lab01.check_lora_forward(lambda x, W, b, A, B, s: x @ W.T + b + s * (x @ A.T) @ B.T)
+    with pytest.raises(ExerciseFailed):
+        lab01.check_lora_forward(lambda x, W, b, A, B, s: x @ W.T + b + (x @ A.T) @ B.T)  # no scaling
+    assert "hint" in capsys.readouterr().out
+
+    def stub(*args):
+        raise NotImplementedError("Exercise: replace this line with your code.")
+
+    with pytest.raises(ExerciseFailed, match="not written yet"):
+        lab01.check_lora_forward(stub)
+
+
+def test_quantized_subclass_of_nn_linear_is_not_merged():
+    class Int8Linear(nn.Linear):  # like bitsandbytes' layers: an nn.Linear holding integer weights
+        def __init__(self, d_in: int, d_out: int) -> None:
+            super().__init__(d_in, d_out, bias=False)
+            self.weight = nn.Parameter(torch.ones(d_out, d_in, dtype=torch.int8), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.float().T
+
+    layer = LoRALinear(Int8Linear(8, 4), r=2, lora_alpha=2)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="Int8Linear"):
+        layer.merge()
+
+
+def test_forward_shapes_and_mixed_dtypes():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), r=4, lora_alpha=8)
+    randomize_B(layer)
+    v = torch.randn(16)
+    want = layer.base_layer(v) + 2.0 * layer.lora_B["default"].weight @ (layer.lora_A["default"].weight @ v)
+    torch.testing.assert_close(layer(v), want, atol=1e-6, rtol=1e-5)  # a single vector: (in,) -> (out,)
+
+    class HalfOut(nn.Module):  # a base whose output dtype differs from the float32 adapter's
+        in_features, out_features = 16, 12
+
+        def forward(self, x):
+            return torch.zeros(*x.shape[:-1], 12, dtype=torch.bfloat16)
+
+    mixed = LoRALinear(HalfOut(), r=4, lora_alpha=8)
+    randomize_B(mixed)
+    out = mixed(torch.randn(3, 16))
+    assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
