@@ -1,0 +1,361 @@
+"""4-bit NormalFloat (NF4) quantization with double quantization, byte for byte as bitsandbytes.
+
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores a frozen weight in 4 bits per value:
+
+1. **Blocks with an absmax.** The flattened weight is cut into blocks of ``blocksize``
+   values (64 by default). Each block is divided by its largest magnitude, so it lies in
+   ``[-1, 1]``, and that *absmax* is kept to undo the scaling.
+2. **A code book of 16 values.** Each scaled value is replaced by the index of the nearest
+   entry of a 16-value code book. NF4's code book is built from quantiles of the normal
+   distribution, because trained weights are close to normal: every code is used about
+   equally often (:func:`nf4_code`).
+3. **Two codes per byte.** Element ``2i`` goes into the high nibble of byte ``i``,
+   element ``2i+1`` into the low nibble (:func:`pack_nibbles`).
+4. **Double quantization.** One float32 absmax per 64 values costs 32/64 = 0.5 bits per
+   value. QLoRA subtracts their mean and quantizes them again to 8 bits, in blocks of 256,
+   with bitsandbytes' signed dynamic code (:func:`dynamic_code`): 8/64 + 32/(64·256) bits.
+
+Everything here is checked against ``bitsandbytes.functional.quantize_4bit(...,
+quant_type="nf4")`` in ``tests/test_nf4.py``: same packed bytes, same absmax, same 8-bit
+absmax and offset, same dequantized values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "NF4_OFFSET", "DQ_BLOCKSIZE", "nf4_code", "fp4_code", "int4_code", "dynamic_code",
+    "nearest_code_index", "pack_nibbles", "unpack_nibbles", "quantize_blockwise_8bit",
+    "dequantize_blockwise_8bit", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
+    "dequantize_nf4_reference",
+]
+
+#: Probability of NF4's outermost quantile: 1 - ½(1/30 + 1/32), the middle between where
+#: the last of 15 and of 16 equal-probability bins would put it (rounded to 7 digits, as in
+#: QLoRA's reference code). Using the exact quantile 1.0 would give ±infinity.
+NF4_OFFSET = 0.9677083
+#: Double quantization quantizes the absmax constants in blocks of this many (QLoRA: 256).
+DQ_BLOCKSIZE = 256
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- code books ---------------------------------------------------------------------------
+# Each code book is computed once; callers get a copy, so editing one in a notebook can
+# never change the code that quantize_nf4 uses.
+def _cached(fn):
+    table = functools.lru_cache(maxsize=None)(fn)
+    return functools.wraps(fn)(lambda: table().clone())
+
+
+@_cached
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 values, sorted, in ``[-1, 1]``: shape ``(16,)``, float32.
+
+    Equal-probability quantiles of N(0, 1): 8 on the positive side, 7 on the negative side,
+    plus an exact zero (a symmetric code with 16 values would have no zero, and a zero
+    code keeps zero weights and padding exactly zero). Both sides are scaled so that the
+    largest value is exactly 1.
+    """
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                        torch.tensor(1.0, dtype=torch.float64))
+    # Probabilities from NF4_OFFSET down to 0.5 (the median, i.e. zero, is dropped):
+    # 9 points -> 8 positive quantiles, 8 points -> 7 negative ones.
+    positive = normal.icdf(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())
+    negative = -normal.icdf(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive])
+    values = values.float().sort().values
+    return values / values.max()
+
+
+@_cached
+def fp4_code() -> torch.Tensor:
+    """bitsandbytes' FP4 values (1 sign, 2 exponent, 1 mantissa bit), sorted: ``(16,)``.
+
+    Normal numbers are ``2**e * (1 + m/2)`` for exponents ``e = 1, 2, 3`` and mantissa bit
+    ``m``: {2, 3, 4, 6, 8, 12}; exponent zero gives 0 and one tiny subnormal (1/16).
+    With the sign that makes 16 codes (+0 and -0 both decode to 0), scaled to ``[-1, 1]``.
+    """
+    magnitudes = [0.0, 0.0625] + [2.0 ** e * (1 + m / 2) for e in (1, 2, 3) for m in (0, 1)]
+    values = torch.tensor(magnitudes + [-v for v in magnitudes], dtype=torch.float32)
+    return (values / values.abs().max()).sort().values
+
+
+@_cached
+def int4_code() -> torch.Tensor:
+    """Symmetric 4-bit integers ``k / 7`` for ``k = -7 .. 7`` (15 distinct values, 0 twice): ``(16,)``."""
+    return (torch.tensor(list(range(-7, 8)) + [0], dtype=torch.float32) / 7).sort().values
+
+
+@_cached
+def dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code: 256 sorted values in ``[-1, 1]``, float32.
+
+    A tiny float format (Dettmers 2015, arXiv 1511.04561): for each decade ``10**-6 ..
+    10**0`` there are ``2**i`` linearly spaced values (``i = 0 .. 6``, coarse for tiny
+    numbers, fine near 1), mirrored for negatives, plus 0 and 1: 2·127 + 2 = 256 codes.
+    Each value is the middle of one of ``2**i`` equal bins of ``[0.1, 1]``, times the decade.
+    """
+    values = [torch.zeros(1), torch.ones(1)]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, 2 ** i + 1)
+        magnitude = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+        values += [magnitude, -magnitude]
+    return torch.cat(values).sort().values
+
+
+#: Index of 0.0 in :func:`nf4_code` (7 negative codes come first).
+_NF4_ZERO = 7
+
+
+# ---- nearest code and nibbles -------------------------------------------------------------
+def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest ``code`` value for each element of ``x``; ties go to the lower code.
+
+    x: any shape, float32, values in ``[-1, 1]``; code: ``(k,)`` sorted. Returns int32 of
+    ``x``'s shape (half the memory traffic of int64 on a large weight). The decision boundaries are the float32 midpoints between neighbouring
+    codes, and a value exactly on a midpoint takes the lower code (``bucketize``'s default,
+    and what bitsandbytes does: this rule decides the bytes on ties).
+    """
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(x, midpoints, out_int32=True)
+
+
+def pack_nibbles(indices: torch.Tensor, pad_index: int = 0) -> torch.Tensor:
+    """Pack 4-bit indices two per byte: element ``2i`` high nibble, ``2i+1`` low nibble.
+
+    indices: ``(n,)`` integers in ``0..15``. Returns uint8 ``(ceil(n / 2),)``; an odd ``n``
+    is padded with one ``pad_index`` (dropped again by :func:`unpack_nibbles`). NF4 pads
+    with the code of 0.0, like bitsandbytes, so the padding decodes to an exact zero.
+    """
+    q = indices.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_full((1,), pad_index)])
+    return (q[0::2] << 4) | q[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: packed ``(m,)`` uint8 -> ``(n,)`` int64 indices."""
+    pairs = torch.stack([packed >> 4, packed & 0x0F], dim=-1)  # (m, 2): high, low
+    return pairs.reshape(-1)[:n].long()
+
+
+# ---- 8-bit blockwise (the absmax constants in double quantization) ------------------------
+#: bitsandbytes 0.50's CPU kernel does not search the 256 codes for every value: it first
+#: snaps the scaled value to the nearest of 65,536 evenly spaced points on [-1, 1], then
+#: reads that point's nearest code from a table. A value within 1/65535 of a midpoint
+#: between two codes can therefore take the farther code; for bit-exact bytes we snap too.
+_GRID_POINTS = 65536
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_to_code(device: torch.device) -> torch.Tensor:
+    """``(65536,)`` int32: the nearest dynamic code index for each grid point on [-1, 1]."""
+    grid = -1.0 + (2.0 * torch.arange(_GRID_POINTS, dtype=torch.float32)) / (_GRID_POINTS - 1)
+    return nearest_code_index(grid, dynamic_code()).to(device)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x: (n,)`` float32 to 8-bit :func:`dynamic_code` indices in blocks.
+
+    Returns ``(indices: (n,) uint8, absmax: (ceil(n / blocksize),) float32)``. Each block is
+    multiplied by ``1 / absmax`` into ``[-1, 1]``, snapped to the 65,536-point grid (see
+    ``_GRID_POINTS``) and given that point's nearest code. A block of zeros has nothing to
+    scale: it gets index 0, which decodes to ``code[0] * 0 = 0``.
+    """
+    n = x.numel()
+    pad = -n % blocksize
+    blocks = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # padding zeros never raise the max
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # no 0 * inf = NaN
+    scaled = (blocks * inv[:, None]).clamp(-1.0, 1.0)
+    # (v + 1) / 2 * 65535, rounded half up: float32 steps in this order decide the grid point.
+    point = ((scaled + 1.0) * 0.5 * (_GRID_POINTS - 1) + 0.5).to(torch.int64)
+    idx = _grid_to_code(x.device)[point]
+    idx = torch.where(absmax[:, None] == 0, torch.zeros_like(idx), idx)  # 0/0 blocks
+    return idx.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(indices: torch.Tensor, absmax: torch.Tensor,
+                              blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_8bit`: ``(n,)`` uint8 -> ``(n,)`` float32."""
+    values = dynamic_code().to(indices.device)[indices.long()]
+    return values * absmax.repeat_interleave(blocksize)[: values.numel()]
+
+
+# ---- NF4 ----------------------------------------------------------------------------------
+@dataclass
+class NF4Tensor:
+    """A tensor stored as packed NF4 codes plus its block constants.
+
+    Fields:
+        packed: ``(ceil(numel / 2),)`` uint8, two 4-bit codes per byte (high nibble first).
+        absmax: ``(num_blocks,)``: float32 absmax per block, or, with double quantization,
+            uint8 indices into :func:`dynamic_code` of ``absmax - offset``.
+        shape, dtype: the original tensor's shape and dtype (``dequantize_nf4`` restores both).
+        blocksize: values per block.
+        offset: ``()`` float32 mean of the absmax constants (double quantization only).
+        absmax2: ``(ceil(num_blocks / 256),)`` float32 absmax of each block of 256 constants
+            (double quantization only).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.absmax.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes per stored part. The code books are shared constants, not part of a tensor."""
+        parts = {"packed codes": self.packed.numel() * self.packed.element_size(),
+                 "absmax": self.absmax.numel() * self.absmax.element_size()}
+        if self.double_quant:
+            parts["absmax2"] = self.absmax2.numel() * self.absmax2.element_size()
+            parts["offset"] = self.offset.numel() * self.offset.element_size()
+        return parts
+
+    @property
+    def nbytes(self) -> int:
+        """Exact storage in bytes (see :meth:`storage_bytes`)."""
+        return sum(self.storage_bytes().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """``8 * nbytes / numel``. At blocksize 64: 4.5 without double quantization; with it
+        ``4 + 8/64 + 32/(64·256) = 4.12695...`` (QLoRA's "4.127") plus 32 bits of offset per
+        tensor (and the padding of a partial last block)."""
+        return 8 * self.nbytes / self.numel
+
+    def to(self, device: torch.device | str) -> "NF4Tensor":
+        """A copy on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4Tensor(move(self.packed), move(self.absmax), self.shape, self.dtype,
+                         self.blocksize, move(self.offset), move(self.absmax2))
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}"
+                f"{dq}, {self.nbytes} bytes, {self.bits_per_param:.4f} bits/param)")
+
+
+def _check_blocksize(blocksize: int, where: str) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"{where}: blocksize must be a power of two >= 2 (bitsandbytes uses "
+                         f"32 ... 4096, QLoRA 64), got {blocksize!r}")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize ``w`` (any shape, float32/bfloat16/float16) to NF4.
+
+    Bit-exact with ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
+    compress_statistics=double_quant)``. Raises ``ValueError`` on non-finite values, an
+    empty tensor or a blocksize that is not a power of two; ``TypeError`` on another dtype.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize_nf4: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_nf4: weight of shape {tuple(w.shape)} has dtype {w.dtype}; "
+                        f"NF4 quantizes float32, bfloat16 or float16 (convert with .float())")
+    _check_blocksize(blocksize, "quantize_nf4")
+    n = w.numel()
+    if n == 0:
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} is empty")
+    flat = w.reshape(-1).float()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    tail = flat[full:]  # the short last block, when blocksize does not divide n
+    # max |x| from min and max, without materialising |x| (one pass fewer).
+    lo, hi = torch.aminmax(blocks, dim=1)
+    absmax = torch.maximum(hi, -lo)
+    if full < n:  # bitsandbytes stores the short block's absmax clamped to >= 1e-38
+        absmax = torch.cat([absmax, tail.abs().max().clamp(min=1e-38)[None]])
+    if not torch.isfinite(absmax).all():  # NaN and inf both reach their block's max
+        bad = int((~torch.isfinite(absmax)).nonzero()[0, 0])
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} has non-finite values "
+                         f"(first in block {bad}, elements {bad * blocksize}..); refusing to quantize")
+    code = nf4_code().to(w.device)
+    # bitsandbytes multiplies by the reciprocal (cheaper than dividing); x * (1/a) and x / a
+    # can differ in the last bit, which can move a value across a midpoint, so we do the same.
+    # A block of zeros is scaled by 1/1e-38 (0 stays 0) but keeps absmax 0. A value above 1
+    # by an ulp still gets code 15, so no clamp is needed.
+    inv = 1.0 / absmax[: full // blocksize].clamp(min=1e-38)
+    idx = nearest_code_index((blocks * inv[:, None]).view(-1), code)
+    if full < n:  # ... and divides the short block (the stored absmax is never 0 there)
+        idx = torch.cat([idx, nearest_code_index(tail / absmax[-1], code)])
+    packed = pack_nibbles(idx, pad_index=_NF4_ZERO)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    offset = absmax.mean()
+    q_absmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DQ_BLOCKSIZE)
+    return NF4Tensor(packed, q_absmax, w.shape, w.dtype, blocksize, offset, absmax2)
+
+
+def _absmax_float(q: NF4Tensor) -> torch.Tensor:
+    """The float32 absmax per block, decoding the 8-bit constants under double quantization."""
+    if not q.double_quant:
+        return q.absmax
+    return dequantize_blockwise_8bit(q.absmax, q.absmax2, DQ_BLOCKSIZE) + q.offset
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The readable path: unpack nibbles, look up codes, multiply by each block's absmax.
+
+    Returns a tensor of ``q.shape`` in ``dtype`` (default: the original dtype).
+    """
+    idx = unpack_nibbles(q.packed, q.numel)
+    values = nf4_code().to(q.device)[idx]  # (numel,) in [-1, 1]
+    scale = _absmax_float(q).repeat_interleave(q.blocksize)[: q.numel]
+    return (values * scale).view(q.shape).to(dtype or q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """``(256, 2)`` float32: the two code values each byte stands for (high, low nibble)."""
+    b = torch.arange(256)
+    return nf4_code()[torch.stack([b >> 4, b & 0x0F], dim=1)].to(device)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NF4 -> tensor of ``q.shape`` in ``dtype`` (default: the original dtype).
+
+    The fast path, same values as :func:`dequantize_nf4_reference`: one lookup per *byte*
+    in a 256-row table gives both of its values at once, then one broadcast multiply per block.
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize_nf4: expected an NF4Tensor, got {type(q).__name__}")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
+    n, bs = q.numel, q.blocksize
+    # int32 indices: half the memory of int64, and index_select accepts them.
+    values = torch.index_select(_byte_table(q.device), 0, q.packed.int()).view(-1)  # (2 * bytes,)
+    absmax = _absmax_float(q)
+    full = n - n % bs
+    values[:full].view(-1, bs).mul_(absmax[: full // bs, None])  # in place: no second buffer
+    if full < n:
+        values[full:n].mul_(absmax[-1])
+    out = values[:n]
+    return out.view(q.shape).to(dtype or q.dtype)

@@ -1,0 +1,173 @@
+"""QLoRA: a frozen NF4 base model with LoRA adapters on top.
+
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314) fine-tunes a model whose base weights are
+stored in 4 bits (:mod:`loracore.nf4`) while the LoRA matrices stay in 16 or 32 bits:
+
+    y = x @ dequantize(W_nf4).T + scaling · (x @ A.T) @ B.T
+
+Only ``A`` and ``B`` get gradients. The base weight is decoded on the fly, block by block
+constants and all, in every forward pass and again in the backward pass (to pass the
+gradient on to earlier layers), and never kept in full precision between the two.
+
+Usage::
+
+    model = quantize_model(model)                     # every nn.Linear but lm_head -> Linear4bit
+    inject(model, "all-linear", r=16, lora_alpha=32)  # loracore.lora, unchanged
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loracore.lora import lora_layers
+from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+__all__ = ["Linear4bit", "quantize_model", "model_bytes"]
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ W.T`` for an NF4 ``W`` that saves only the packed weight for the backward pass.
+
+    Plain ``F.linear(x, dequantize(W))`` would keep every layer's decoded full-precision
+    weight alive until backward, which is the memory QLoRA exists to save. Here backward
+    decodes the weight a second time instead (what bitsandbytes' ``MatMul4Bit`` does too).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.weight, ctx.dtype = weight, dtype
+        return x @ dequantize_nf4(weight, dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_out @ dequantize_nf4(ctx.weight, ctx.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None  # the base weight is frozen: no gradient for it
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (``out_features x in_features``).
+
+    Storage (buffers, so ``.to(device)`` and ``state_dict`` carry them): ``weight_packed``
+    (uint8 codes), ``weight_absmax`` and, with double quantization, ``weight_absmax2`` and
+    ``weight_offset``. ``weight`` returns them as a :class:`~loracore.nf4.NF4Tensor`;
+    ``dequantize()`` decodes it. ``bias`` stays in full precision, frozen.
+
+    forward: x ``(..., in_features)`` -> ``(..., out_features)``, computed in ``compute_dtype``
+    and returned in ``x``'s dtype.
+    """
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, *,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
+            raise TypeError(f"Linear4bit: weight must be a 2-D NF4Tensor (out, in), got {weight!r}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"Linear4bit: bias of shape {tuple(bias.shape)} does not fit weight "
+                             f"{tuple(weight.shape)}")
+        self.blocksize = weight.blocksize
+        self.original_dtype = weight.dtype
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_packed", weight.packed)
+        self.register_buffer("weight_absmax", weight.absmax)
+        self.register_buffer("weight_absmax2", weight.absmax2)
+        self.register_buffer("weight_offset", weight.offset)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """Quantize ``linear.weight`` to NF4. ``compute_dtype`` defaults to the weight's dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear4bit.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype)
+
+    @property
+    def weight(self) -> NF4Tensor:
+        """The packed NF4 weight (not a ``torch.Tensor``; see :meth:`dequantize`)."""
+        return NF4Tensor(self.weight_packed, self.weight_absmax,
+                         torch.Size((self.out_features, self.in_features)), self.original_dtype,
+                         self.blocksize, self.weight_offset, self.weight_absmax2)
+
+    def dequantize(self) -> torch.Tensor:
+        """The decoded weight, ``(out_features, in_features)`` in ``compute_dtype``."""
+        return dequantize_nf4(self.weight, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear4bit: input of shape {tuple(x.shape)} does not end in "
+                             f"in_features={self.in_features}")
+        out = _NF4Linear.apply(x.to(self.compute_dtype), self.weight, self.compute_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(self.compute_dtype)
+        return out.to(x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) casts every float buffer; the block constants must stay
+        # float32 or dequantization would drift from what was quantized. Keep their dtype.
+        keep = {n: getattr(self, n) for n in ("weight_absmax", "weight_absmax2", "weight_offset")
+                if getattr(self, n) is not None and getattr(self, n).is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+                f"double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"{q.bits_per_param:.3f} bits/param")
+
+
+def quantize_model(model: nn.Module, skip: Iterable[str] = ("lm_head",), *, blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` by a :class:`Linear4bit`, in place.
+
+    ``skip``: layer names (the last part of the module name, e.g. ``"lm_head"``) kept as they
+    are; the output head stays in full precision as in QLoRA (and is tied to the embeddings
+    in many small models). Quantize *before* adding LoRA: a model that already has LoRA
+    layers is refused. Returns ``model``.
+    """
+    if lora_layers(model):
+        raise ValueError(f"quantize_model: {type(model).__name__} already has LoRA layers; "
+                         f"quantize the base model first, then inject() the adapters")
+    skip = set(skip)
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.split(".")[-1] not in skip]
+    if not targets:
+        raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear outside "
+                         f"skip={sorted(skip)}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        setattr(parent, child, Linear4bit.from_linear(layer, blocksize=blocksize,
+                                                      double_quant=double_quant,
+                                                      compute_dtype=compute_dtype))
+    for p in model.parameters():  # the base is frozen; LoRA adds the only trainable weights
+        p.requires_grad_(False)
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by ``model``'s parameters and buffers, counting tied tensors once.
+
+    For a quantized model this is the real footprint: packed codes and block constants.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

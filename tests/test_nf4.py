@@ -1,0 +1,317 @@
+"""NF4 against bitsandbytes: same code books, same packed bytes, same constants, same values.
+
+bitsandbytes 0.50 runs ``quantize_4bit`` / ``dequantize_4bit`` on the CPU, so every check
+here compares with the trusted implementation byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from loracore.nf4 import (
+    DQ_BLOCKSIZE, NF4Tensor, dequantize_blockwise_8bit, dequantize_nf4, dequantize_nf4_reference,
+    dynamic_code, fp4_code, int4_code, nearest_code_index, nf4_code, pack_nibbles,
+    quantize_blockwise_8bit, quantize_nf4, unpack_nibbles,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+
+
+def bnb_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
+    return bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                              quant_type="nf4")
+
+
+def bnb_dequantize(packed: torch.Tensor, state, shape: torch.Size) -> torch.Tensor:
+    """bitsandbytes' dequantized values in ``shape``.
+
+    The state is given the flat shape ``(numel,)``: bitsandbytes 0.50.2's native CPU kernel
+    mis-assigns blocks when a block is longer than the last dimension (e.g. 512 x 64 at
+    blocksize 512: errors of order 1, while its own PyTorch fallback agrees with us), and
+    a flat shape takes its correct path. The values themselves are the same either way.
+    """
+    state.shape = torch.Size([math.prod(shape)])
+    # Odd lengths take bitsandbytes' PyTorch path, which it wraps in torch.compile; compiling
+    # per shape costs seconds and changes nothing (one multiply per value), so run it eagerly.
+    with torch._dynamo.config.patch(disable=True):
+        return bnbF.dequantize_4bit(packed, state).reshape(shape)
+
+
+def assert_same_as_bnb(w: torch.Tensor, blocksize: int, double_quant: bool) -> None:
+    packed, state = bnb_quantize(w, blocksize, double_quant)
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    where = f"shape {tuple(w.shape)}, dtype {w.dtype}, blocksize {blocksize}, dq {double_quant}"
+    assert torch.equal(q.packed, packed.view(-1)), f"packed bytes differ ({where})"
+    assert q.absmax.dtype == state.absmax.dtype, where
+    assert torch.equal(q.absmax, state.absmax), f"absmax differs ({where})"
+    if double_quant:
+        assert torch.equal(q.offset, state.offset), f"offset differs ({where})"
+        assert torch.equal(q.absmax2, state.state2.absmax), f"absmax2 differs ({where})"
+        assert state.state2.blocksize == DQ_BLOCKSIZE
+    ours = dequantize_nf4(q)
+    theirs = bnb_dequantize(packed, state, w.shape)
+    assert ours.shape == w.shape and ours.dtype == w.dtype, where
+    if w.dtype == torch.float32:
+        assert (ours - theirs).abs().max().item() <= 1e-6, f"dequantized values differ ({where})"
+        assert torch.equal(ours, theirs), f"dequantized values not bit-identical ({where})"
+    else:  # bitsandbytes rounds float32 -> bf16/fp16 to nearest even, as torch does
+        assert torch.equal(ours, theirs), f"dequantized values differ ({where})"
+    assert torch.equal(ours, dequantize_nf4_reference(q)), f"fast and readable paths differ ({where})"
+
+
+# ---- code books -------------------------------------------------------------------------
+def test_nf4_code_is_bitsandbytes_code():
+    ours, theirs = nf4_code(), bnbF.get_4bit_type("nf4", device="cpu")
+    assert (ours - theirs).abs().max().item() <= 1e-7
+    assert torch.equal(ours, theirs)  # in fact bit-identical
+
+
+def test_nf4_code_shape_8_positive_7_negative_and_exact_zero():
+    code = nf4_code()
+    assert code.shape == (16,) and code.dtype == torch.float32
+    assert (code > 0).sum() == 8 and (code < 0).sum() == 7 and (code == 0).sum() == 1
+    assert code[0] == -1 and code[-1] == 1
+    assert torch.all(code[1:] > code[:-1])
+
+
+def test_fp4_code_is_bitsandbytes_fp4_set():
+    theirs = bnbF.get_4bit_type("fp4", device="cpu").sort().values
+    assert torch.equal(fp4_code(), theirs)
+
+
+def test_int4_code_is_symmetric_integer_grid():
+    code = int4_code()
+    assert code.shape == (16,)
+    assert torch.equal(code.unique(), torch.arange(-7, 8, dtype=torch.float32) / 7)
+
+
+def test_dynamic_code_is_bitsandbytes_dynamic_map():
+    ours, theirs = dynamic_code(), bnbF.create_dynamic_map(signed=True)
+    assert ours.shape == (256,)
+    assert torch.equal(ours, theirs)
+    assert torch.all(ours[1:] > ours[:-1])  # sorted, no duplicates
+
+
+# ---- building blocks --------------------------------------------------------------------
+def test_nearest_code_ties_go_to_the_lower_code():
+    code = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    x = torch.tensor([-0.5, 0.25, 0.75, -0.51, 0.26, 1.0, -1.0])
+    assert nearest_code_index(x, code).tolist() == [0, 1, 2, 0, 2, 3, 0]
+
+
+def test_pack_nibbles_even_index_in_high_nibble():
+    packed = pack_nibbles(torch.tensor([1, 2, 3, 15, 0, 9, 4]), pad_index=7)
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [0x12, 0x3F, 0x09, 0x47]
+    assert unpack_nibbles(packed, 7).tolist() == [1, 2, 3, 15, 0, 9, 4]
+
+
+def test_8bit_blockwise_matches_bitsandbytes_quantize_blockwise():
+    g = torch.Generator().manual_seed(1)
+    for scale in (1e-6, 1e-2, 1.0, 30.0):
+        x = torch.randn(5000, generator=g) * scale
+        x[256:512] = 0.0  # a block of zeros (0/0 must not become NaN)
+        q, absmax = quantize_blockwise_8bit(x, 256)
+        q_ref, state = bnbF.quantize_blockwise(x, blocksize=256)
+        assert torch.equal(q, q_ref) and torch.equal(absmax, state.absmax)
+        back = dequantize_blockwise_8bit(q, absmax, 256)
+        assert torch.equal(back, bnbF.dequantize_blockwise(q_ref, state))
+        assert torch.all(back[256:512] == 0)
+
+
+# ---- bit-exact with bitsandbytes ----------------------------------------------------------
+SHAPES = [(7,), (64,), (65,), (1, 1), (3, 5), (33, 97), (128, 256), (512, 64), (2, 3, 257),
+          (64 * 256 + 64 * 3 + 1,)]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 512, 1024, 2048, 4096])
+def test_bit_exact_random_normal(blocksize, double_quant):
+    g = torch.Generator().manual_seed(blocksize + double_quant)
+    for shape in SHAPES:
+        assert_same_as_bnb(torch.randn(shape, generator=g) * 0.02, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bit_exact_blocksize_32(double_quant):
+    g = torch.Generator().manual_seed(32)
+    for shape in SHAPES[:6]:
+        assert_same_as_bnb(torch.randn(shape, generator=g), 32, double_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bit_exact_half_precision_inputs(dtype, double_quant):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7,), (65,), (33, 97), (256, 64)]:
+        assert_same_as_bnb((torch.randn(shape, generator=g) * 0.05).to(dtype), 64, double_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bit_exact_many_random_tensors(double_quant):
+    """Random sizes, scales and tails: heavy tails, outliers, exact ties with code values."""
+    g = torch.Generator().manual_seed(11 + double_quant)
+    for _ in range(40):
+        n = int(torch.randint(1, 20000, (1,), generator=g))
+        scale = 10.0 ** float(torch.randint(-6, 3, (1,), generator=g))
+        w = torch.randn(n, generator=g) * scale
+        if n > 10:
+            w[torch.randint(0, n, (3,), generator=g)] *= 50.0  # outliers
+            idx = torch.randint(0, n, (min(n, 50),), generator=g)  # values exactly on codes
+            w[idx] = nf4_code()[torch.randint(0, 16, (idx.numel(),), generator=g)] * w.abs().max()
+        bs = 2 ** int(torch.randint(6, 13, (1,), generator=g))
+        assert_same_as_bnb(w, bs, double_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bit_exact_edge_cases(double_quant):
+    midpoints = (nf4_code()[:-1] + nf4_code()[1:]) / 2
+    cases = {
+        "zeros": torch.zeros(200),
+        "zeros, short last block": torch.zeros(64 * 3 + 5),
+        "one block of zeros": torch.cat([torch.randn(64), torch.zeros(64), torch.randn(70)]),
+        "all equal": torch.full((64 * 5,), 0.3),
+        "all equal, negative": torch.full((100,), -2.5),
+        "tiny": torch.randn(500) * 1e-30,
+        "subnormal": torch.full((130,), 1e-40),
+        "huge": torch.randn(300) * 1e30,
+        "exact midpoints": torch.cat([torch.ones(1), midpoints, -midpoints, torch.zeros(33)]),
+        "single element": torch.tensor([0.7]),
+        "alternating signs": torch.tensor([1.0, -1.0] * 100),
+        "equal absmax everywhere": torch.randn(64 * 300).sign(),
+    }
+    for name, w in cases.items():
+        try:
+            assert_same_as_bnb(w, 64, double_quant)
+        except AssertionError as exc:
+            raise AssertionError(f"edge case {name!r}: {exc}") from None
+
+
+def _values_where_reciprocal_and_division_disagree(num_blocks: int = 40) -> torch.Tensor:
+    """Blocks ``[a, x1, x2, ...]`` whose ``x / a`` and ``x * (1 / a)`` fall on different sides
+    of a midpoint between two NF4 codes: only the same rounding as bitsandbytes gets them right."""
+    g = torch.Generator().manual_seed(5)
+    midpoints = (nf4_code()[:-1] + nf4_code()[1:]) / 2
+    a = torch.rand(num_blocks, generator=g) + 0.5
+    near = midpoints[None, :] * a[:, None]  # (blocks, 15), on the midpoints
+    picks = []
+    for direction in (float("inf"), float("-inf")):
+        x = torch.nextafter(near, torch.full_like(near, direction))
+        differ = nearest_code_index(x * (1.0 / a[:, None]), nf4_code()) != \
+            nearest_code_index(x / a[:, None], nf4_code())
+        picks.append(torch.where(differ, x, near))
+    rows = torch.cat([a[:, None], *picks, torch.zeros(num_blocks, 64 - 1 - 2 * 15)], dim=1)
+    return rows.reshape(-1)
+
+
+def test_reciprocal_rounding_cases_exist_and_match():
+    w = _values_where_reciprocal_and_division_disagree()
+    blocks = w.view(-1, 64)
+    a = blocks[:, :1]
+    assert (nearest_code_index(blocks * (1.0 / a), nf4_code())
+            != nearest_code_index(blocks / a, nf4_code())).sum() > 20  # the test has teeth
+    for dq in (False, True):
+        assert_same_as_bnb(w, 64, dq)
+
+
+# ---- storage ----------------------------------------------------------------------------
+def test_bits_per_param_without_double_quant_is_exactly_4_5():
+    q = quantize_nf4(torch.randn(4096, 64), blocksize=64, double_quant=False)
+    assert q.bits_per_param == 4.5
+    assert q.storage_bytes() == {"packed codes": 4096 * 32, "absmax": 4096 * 4}
+
+
+def test_bits_per_param_with_double_quant():
+    """QLoRA's "4.127 bits" is 4 + 8/64 + 32/(64*256) = 4.126953125, rounded to 3 decimals.
+    Exact storage adds the one float32 offset per tensor: 32 bits over all its values."""
+    n = 4096 * 4096
+    q = quantize_nf4(torch.randn(4096, 4096), blocksize=64, double_quant=True)
+    assert 4 + 8 / 64 + 32 / (64 * 256) == 4.126953125
+    assert q.bits_per_param == 4 + 8 / 64 + 32 / (64 * 256) + 32 / n  # all dyadic: exact
+    assert round(q.bits_per_param, 3) == 4.127
+    assert q.nbytes == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4
+
+
+def test_storage_counts_padding_of_partial_blocks():
+    q = quantize_nf4(torch.randn(3, 5), blocksize=64, double_quant=True)
+    assert q.storage_bytes() == {"packed codes": 8, "absmax": 1, "absmax2": 4, "offset": 4}
+    assert q.numel == 15 and q.num_blocks == 1
+
+
+def test_round_trip_restores_shape_and_dtype_and_error_is_bounded():
+    w = torch.randn(3, 7, 11, dtype=torch.bfloat16)
+    q = quantize_nf4(w, blocksize=64)
+    back = dequantize_nf4(q)
+    assert back.shape == w.shape and back.dtype == torch.bfloat16
+    assert dequantize_nf4(q, dtype=torch.float32).dtype == torch.float32
+    # the largest gap between neighbouring NF4 codes is ~0.28: error <= half of it times absmax
+    assert ((back.float() - w.float()).abs() <= 0.15 * w.float().abs().max()).all()
+
+
+def test_nf4_beats_int4_and_fp4_on_normal_weights():
+    """Table 2 of QLoRA in miniature: NF4 has the smallest error on normal data."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    blocks = w.view(-1, 64)
+    scale = blocks.abs().amax(1, keepdim=True)
+    errors = {}
+    for name, code in {"int4": int4_code(), "fp4": fp4_code(), "nf4": nf4_code()}.items():
+        approx = code[nearest_code_index(blocks / scale, code)] * scale
+        errors[name] = (approx - blocks).pow(2).mean().item()
+    assert errors["nf4"] < errors["int4"] and errors["nf4"] < errors["fp4"], errors
+
+
+def test_to_device_copy_keeps_values():
+    q = quantize_nf4(torch.randn(10, 10))
+    q2 = q.to("cpu")
+    assert torch.equal(dequantize_nf4(q), dequantize_nf4(q2)) and "NF4Tensor" in repr(q)
+
+
+# ---- refusals ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_refuses_non_finite(bad):
+    w = torch.randn(300)
+    w[170] = bad
+    with pytest.raises(ValueError, match="non-finite.*block 2"):
+        quantize_nf4(w)
+    w = torch.randn(70)
+    w[-1] = bad  # in the short last block
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_nf4(w)
+
+
+@pytest.mark.parametrize("blocksize", [0, 1, 48, 100, -64, 64.0, True])
+def test_refuses_blocksize_not_power_of_two(blocksize):
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_nf4(torch.randn(128), blocksize=blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
+def test_refuses_wrong_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype"):
+        quantize_nf4(torch.ones(64, dtype=dtype))
+
+
+def test_refuses_empty_and_non_tensor():
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.ones(0, 5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_nf4([1.0, 2.0])
+    with pytest.raises(TypeError, match="NF4Tensor"):
+        dequantize_nf4(torch.ones(3))
+    with pytest.raises(TypeError, match="dtype"):
+        dequantize_nf4(quantize_nf4(torch.ones(64)), dtype=torch.int8)
+
+
+def test_nf4tensor_fields():
+    q = quantize_nf4(torch.randn(10, 100), blocksize=128, double_quant=True)
+    assert isinstance(q, NF4Tensor) and q.double_quant and q.blocksize == 128
+    assert q.packed.shape == (500,) and q.absmax.dtype == torch.uint8 and q.absmax.shape == (8,)
+    assert q.absmax2.shape == (1,) and q.offset.shape == ()
+    q = quantize_nf4(torch.randn(10, 100), blocksize=128, double_quant=False)
+    assert not q.double_quant and q.absmax.dtype == torch.float32 and q.offset is None
