@@ -1,0 +1,202 @@
+"""A plain training loop for causal language models, readable top to bottom.
+
+Nothing here is specific to LoRA: :func:`train` updates whatever parameters have
+``requires_grad=True``. After ``loracore.lora.inject`` that is only the ``lora_A`` / ``lora_B``
+matrices, so the same loop fine-tunes an adapter. One optimizer step is:
+
+1. for each of ``grad_accum_steps`` micro-batches: forward, loss on the answer tokens
+   (:func:`causal_lm_loss`), divide by ``grad_accum_steps``, backward (gradients add up);
+2. clip the gradient norm to ``max_grad_norm``;
+3. ``optimizer.step()``, then the learning-rate schedule's step, then zero the gradients.
+
+The loss of every step is returned (:class:`TrainResult`) and can be plotted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from loracore.data import IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) tokens.
+
+    logits: (batch, seq, vocab); labels: (batch, seq) with ``-100`` where no loss is wanted.
+    Position ``t`` predicts token ``t + 1``, so logits drop their last position and labels
+    their first. ``reduction="mean"`` averages over every labelled token in the batch;
+    ``"sum"`` returns the total, useful to combine batches exactly.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"causal_lm_loss: logits {tuple(logits.shape)} do not match "
+                         f"labels {tuple(labels.shape)} in (batch, seq)")
+    shift_logits = logits[:, :-1, :].float()  # float32 for the softmax even under bf16
+    shift_labels = labels[:, 1:]
+    if not (shift_labels != IGNORE_INDEX).any():
+        raise ValueError("causal_lm_loss: no labelled token in this batch (all labels are -100)")
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_steps: int = 0,
+                kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then ``"cosine"`` or ``"linear"`` decay
+    to 0 at ``num_steps``, or ``"constant"``. Multiplies each parameter group's own lr."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"lr_schedule: kind must be 'cosine', 'linear' or 'constant', got {kind!r}")
+    if not 0 <= warmup_steps <= num_steps:
+        raise ValueError(f"lr_schedule: need 0 <= warmup_steps <= num_steps, got "
+                         f"{warmup_steps} and {num_steps}")
+
+    def factor(step: int) -> float:  # ``step`` optimizer steps have been taken
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)  # never exactly 0: the first step must move
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` measured. ``losses[i]``/``lrs[i]``: loss and lr of optimizer step i."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    tokens: int = 0          # real (non-padding) tokens processed, prompt included
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def plot(self, ax: Any = None, label: str | None = None) -> Any:
+        """Loss per optimizer step (and a moving average once there are enough steps)."""
+        return plot_losses(self.losses, ax=ax, label=label)
+
+
+def plot_losses(losses: list[float], ax: Any = None, label: str | None = None,
+                window: int = 5) -> Any:
+    """Draw a loss curve on ``ax`` (a new (7, 3.5) figure if None); returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    steps = range(1, len(losses) + 1)
+    line, = ax.plot(steps, losses, alpha=0.35 if len(losses) >= 2 * window else 1.0,
+                    label=None if len(losses) >= 2 * window else label)
+    if len(losses) >= 2 * window:
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, color=line.get_color(), label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if label is not None:
+        ax.legend()
+    return ax
+
+
+def _forever(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches epoch after epoch. Re-iterating a DataLoader reshuffles it (its seeded
+    generator moves on), unlike ``itertools.cycle``, which would replay the first epoch."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train: the batches are empty (an empty dataset?)")
+
+
+def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_steps: int,
+          lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
+          weight_decay: float = 0.0, loraplus_lr_ratio: float | None = None,
+          grad_accum_steps: int = 1, max_grad_norm: float | None = 1.0,
+          warmup_steps: int = 0, schedule: str = "cosine", seed: int = 0,
+          progress: bool = True, plot: bool = False) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``num_steps`` optimizer steps.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=..., attention_mask=...)`` returning
+            ``.logits: (batch, seq, vocab)``. Only parameters with ``requires_grad`` change.
+        batches: an iterable of dicts with ``input_ids``, ``attention_mask``, ``labels``, each
+            ``(batch, seq)`` (e.g. :func:`loracore.data.make_dataloader`); re-iterated as needed.
+        num_steps: optimizer steps (each uses ``grad_accum_steps`` batches).
+        lr: peak learning rate (ignored when ``optimizer`` is given).
+        optimizer: any ``torch.optim.Optimizer`` over the trainable parameters; default AdamW.
+        weight_decay: AdamW's decoupled weight decay (default optimizer only).
+        loraplus_lr_ratio: if set, LoRA+ (Hayou et al. 2024): ``lora_B`` gets ``lr * ratio``,
+            ``lora_A`` gets ``lr`` (default optimizer only; needs LoRA layers).
+        grad_accum_steps: micro-batches whose gradients add up before one step.
+        max_grad_norm: clip the global gradient norm to this; None to skip clipping.
+        warmup_steps, schedule: see :func:`lr_schedule`.
+        seed: seeds PyTorch before training (dropout masks); the data order comes from the
+            loader's own seed.
+        progress: show a tqdm bar with the running loss.
+        plot: draw the loss curve at the end.
+
+    Returns a :class:`TrainResult`; the model is left in eval mode.
+    """
+    if num_steps < 1 or grad_accum_steps < 1:
+        raise ValueError(f"train: num_steps and grad_accum_steps must be >= 1, got "
+                         f"{num_steps} and {grad_accum_steps}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("train: the model has no trainable parameters (did you inject LoRA?)")
+    torch.manual_seed(seed)
+    if optimizer is None:
+        if loraplus_lr_ratio is not None:
+            from loracore.lora import loraplus_param_groups  # only LoRA+ needs LoRA layers
+
+            groups = loraplus_param_groups(model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                           weight_decay=weight_decay)
+        else:
+            groups = [{"params": trainable, "weight_decay": weight_decay}]
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = lr_schedule(optimizer, num_steps=num_steps, warmup_steps=warmup_steps, kind=schedule)
+    device = next(model.parameters()).device
+
+    result = TrainResult()
+    data = _forever(batches)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(num_steps), desc="training", disable=not progress)
+    try:
+        for _ in bar:
+            step_loss = 0.0
+            for _ in range(grad_accum_steps):
+                batch = {k: v.to(device) for k, v in next(data).items()}
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+                loss = causal_lm_loss(logits, batch["labels"]) / grad_accum_steps
+                loss.backward()  # gradients accumulate in .grad across micro-batches
+                step_loss += loss.item()
+                result.tokens += int(batch["attention_mask"].sum())
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            result.lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+    finally:
+        model.eval()
+        result.seconds = time.perf_counter() - start
+    if plot:
+        result.plot()
+    return result
