@@ -57,10 +57,7 @@ def check_both_directions(name: str, targets, use_rslora: bool, tmp_path) -> Non
 
     # loracore -> PEFT
     inject(ours, targets, r=r, lora_alpha=alpha, use_rslora=use_rslora)
-    # std 0.01: a clear change of the logits (checked below) that stays in the model's normal
-    # range; far larger updates on all 210 layers of SmolLM2 push the logits so far that float32
-    # rounding alone exceeds 1e-5.
-    randomize_lora(lora_layers(ours).values(), seed=1, std=0.01)
+    randomize_lora(lora_layers(ours).values(), seed=1)
     save_adapter(ours, tmp_path / "loracore_adapter")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Unexpected keyword arguments.*loracore")
@@ -75,7 +72,7 @@ def check_both_directions(name: str, targets, use_rslora: bool, tmp_path) -> Non
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
                         task_type="CAUSAL_LM")
     theirs = get_peft_model(load(name), config).eval()
-    randomize_lora(peft_lora_modules(theirs), seed=2, std=0.01)
+    randomize_lora(peft_lora_modules(theirs), seed=2)
     theirs.save_pretrained(tmp_path / "peft_adapter")
     ours = load_adapter(load(name), tmp_path / "peft_adapter")
     assert len(lora_layers(ours)) == len(peft_lora_modules(theirs))

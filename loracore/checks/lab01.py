@@ -1,0 +1,179 @@
+"""Checks for lab 01, "build the LoRA layer": forward, layer, merge/unmerge, injection, training.
+
+Every check uses a non-zero B: with B = 0 the adapter adds nothing, and any code would pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from loracore.lora import inject, trainable_parameters
+from loracore.selfcheck import Check, ExerciseFailed, call_learner, report
+
+
+def _inputs(seed: int = 0, d_in: int = 12, d_out: int = 10, r: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, d_in, generator=g)
+    W, b = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    A, B = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    return x, W, b, A, B
+
+
+def _nonzero_B(layer: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+
+
+def check_lora_forward(lora_forward: Callable[..., torch.Tensor]) -> None:
+    """Exercise 1: ``lora_forward(x, W, b, A, B, scaling)``."""
+    x, W, b, A, B = _inputs()
+    want = x @ W.T + b + 2.5 * (x @ A.T) @ B.T
+    got = call_learner(lora_forward, x, W, b, A, B, 2.5)
+    zero = call_learner(lora_forward, x, W, b, A, torch.zeros_like(B), 2.5)
+    report("lora_forward", [
+        Check.close("output = x @ W.T + b + scaling * (x @ A.T) @ B.T", got, want,
+                    hint="Apply A first (x @ A.T has r columns), then B, then multiply by scaling."),
+        Check.close("B = 0 gives exactly the base output", zero, x @ W.T + b, atol=0, rtol=0,
+                    hint="With B = 0 the adapter term must vanish."),
+    ])
+
+
+def check_lora_layer(LoRALayer: type) -> None:
+    """Exercise 2: ``LoRALayer(base: nn.Linear, r, lora_alpha)`` with ``lora_A``, ``lora_B``, ``scaling``."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = call_learner(LoRALayer, base, 4, 8.0)
+    checks = [
+        Check.true("keeps the base layer as .base", getattr(layer, "base", None) is base,
+                   "layer.base is the nn.Linear you passed in", repr(getattr(layer, "base", None))[:80]),
+        Check.equal("lora_A has shape (r, in_features)", tuple(getattr(layer, "lora_A", torch.empty(0)).shape), (4, 12)),
+        Check.equal("lora_B has shape (out_features, r)", tuple(getattr(layer, "lora_B", torch.empty(0)).shape), (10, 4)),
+    ]
+    if not all(c.passed for c in checks):
+        report("LoRALayer", checks)
+    A, B = layer.lora_A, layer.lora_B
+    bound = 1 / math.sqrt(12)
+    x = torch.randn(3, 12)
+    checks += [
+        Check.true("lora_A and lora_B are trainable nn.Parameters",
+                   isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) and A.requires_grad and B.requires_grad,
+                   "two nn.Parameter with requires_grad=True", f"{type(A).__name__}, {type(B).__name__}"),
+        Check.true("the base layer is frozen", not any(p.requires_grad for p in base.parameters()),
+                   "requires_grad=False on base.weight and base.bias",
+                   str([p.requires_grad for p in base.parameters()]),
+                   hint="Call self.base.requires_grad_(False)."),
+        Check.true("lora_B starts at zero", bool(torch.count_nonzero(B) == 0), "all zeros",
+                   f"{int(torch.count_nonzero(B))} non-zero entries",
+                   hint="B = 0 makes B @ A = 0, so training starts exactly at the base model."),
+        Check.true("lora_A is Kaiming-uniform (like nn.Linear's default)",
+                   bool(A.abs().max() <= bound + 1e-6 and A.std() > bound / 4),
+                   f"values in [-{bound:.3f}, {bound:.3f}], not all tiny",
+                   f"max |A| = {A.abs().max().item():.3f}, std {A.std().item():.3f}",
+                   hint="nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))."),
+        Check.true("scaling = lora_alpha / r", math.isclose(float(getattr(layer, "scaling", float("nan"))), 2.0),
+                   "2.0 for r=4, lora_alpha=8", repr(getattr(layer, "scaling", None))),
+        Check.close("B = 0: forward equals the base layer", call_learner(layer, x), base(x), atol=0, rtol=0),
+    ]
+    _nonzero_B(layer)
+    want = base(x) + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
+    checks.append(Check.close("non-zero B: base(x) + scaling * (x @ A.T) @ B.T", call_learner(layer, x), want,
+                              hint="Add the adapter path to self.base(x)."))
+    report("LoRALayer", checks)
+
+
+def check_merge(MergeableLoRALayer: type) -> None:
+    """Exercise 3: ``merge()`` and ``unmerge()`` with a ``merged`` flag; a second merge raises."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    w0 = base.weight.detach().clone()
+    layer = call_learner(MergeableLoRALayer, base, 4, 8.0)
+    _nonzero_B(layer)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        before = layer(x)
+        call_learner(layer.merge)
+        merged_w = base.weight.detach().clone()
+        after = layer(x)
+    delta = 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
+    twice: Any = "no error"
+    try:
+        layer.merge()
+    except (RuntimeError, ValueError) as exc:
+        twice = exc
+    except NotImplementedError:
+        twice = "NotImplementedError"
+    with torch.no_grad():
+        call_learner(layer.unmerge)
+        restored = base.weight.detach().clone()
+        unmerged_out = layer(x)
+    report("merge / unmerge", [
+        Check.close("merge adds scaling * B @ A to base.weight", merged_w, w0 + delta,
+                    hint="W <- W + scaling * B @ A, in place (under torch.no_grad())."),
+        Check.true("merged: forward gives the same output (adapter not added twice)",
+                   bool(torch.allclose(after, before, atol=1e-5)), "the same output as before merging",
+                   f"max difference {(after - before).abs().max().item():.3g}",
+                   hint="While merged, forward must skip the adapter path: it is already inside W."),
+        Check.true("a second merge raises", isinstance(twice, (RuntimeError, ValueError)),
+                   "RuntimeError (or ValueError)", repr(twice),
+                   hint="Keep a self.merged flag and refuse to merge again."),
+        Check.close("unmerge restores base.weight (within 1e-6)", restored, w0, atol=1e-6, rtol=0),
+        Check.close("unmerged: forward is back to base + adapter", unmerged_out, before, atol=1e-5),
+    ])
+
+
+def check_inject(inject_lora: Callable[..., nn.Module], LayerClass: type) -> None:
+    """Exercise 4: ``inject_lora(model, target_names, r, lora_alpha)`` on the tiny Qwen2."""
+    from loracore.models import load_base_model
+
+    model, _ = load_base_model("tiny-qwen2", verbose=False)
+    reference, _ = load_base_model("tiny-qwen2", verbose=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    out = call_learner(inject_lora, model, ["q_proj", "v_proj"], 4, 8.0)
+    inject(reference, ["q_proj", "v_proj"], r=4, lora_alpha=8.0)
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LayerClass))
+    want = sorted(n for n, m in reference.named_modules() if n.endswith(("q_proj", "v_proj")) and hasattr(m, "lora_A"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        logits = model(ids).logits
+    report("inject_lora", [
+        Check.true("returns the model", out is model, "the same model object", type(out).__name__),
+        Check.equal("wraps exactly the q_proj and v_proj layers", wrapped, want),
+        Check.equal("trainable parameters: as many as loracore.inject gives",
+                    trainable_parameters(model)[0], trainable_parameters(reference)[0]),
+        Check.true("only lora_A / lora_B are trainable", bool(trainable) and all("lora_" in n for n in trainable),
+                   "only names containing lora_A / lora_B", str(trainable[:3]),
+                   hint="Freeze every parameter first (requires_grad_(False)), then wrap."),
+        Check.close("at initialisation the logits are unchanged", logits, base_logits, atol=0, rtol=0),
+    ])
+
+
+def check_loss_fell(losses: list[float], model: nn.Module, base_weights: dict[str, torch.Tensor]) -> None:
+    """Exercise 5: the training loop lowered the loss and left every base weight untouched."""
+    def original_name(name: str) -> str:  # a wrapped layer keeps its base weight under .base / .base_layer
+        return name.replace(".base_layer.", ".").replace(".base.", ".")
+
+    changed = [n for n, p in model.named_parameters()
+               if original_name(n) in base_weights and not torch.equal(p, base_weights[original_name(n)])]
+    checks = [
+        Check.true("losses were recorded", len(losses) >= 2 and all(math.isfinite(v) for v in losses),
+                   "a list of finite floats, one per step", repr(losses)[:120]),
+    ]
+    if checks[0].passed:
+        checks.append(Check.true("the loss fell", losses[-1] < losses[0], f"last < first ({losses[0]:.3f})",
+                                 f"last = {losses[-1]:.3f}",
+                                 hint="Call loss.backward(), optimizer.step() and optimizer.zero_grad() every step."))
+    checks.append(Check.true("base weights did not move", not changed, "no change outside lora_A / lora_B",
+                             f"{len(changed)} base tensors changed, e.g. {changed[:2]}",
+                             hint="Only the adapter parameters may go to the optimizer."))
+    report("training", checks)
+
+
+__all__ = ["check_lora_forward", "check_lora_layer", "check_merge", "check_inject", "check_loss_fell",
+           "ExerciseFailed"]
