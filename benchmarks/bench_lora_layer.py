@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -26,25 +24,13 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
 
-from loracore.bench import write_result
+from loracore.bench import interleaved_medians, write_result
 from loracore.lora import LoRALinear
 
 SHAPES = [(896, 896), (896, 4864)]
 R, ALPHA, BATCH, SEQ = 16, 32, 8, 256
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timed one after another in every round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def layers(d_in: int, d_out: int) -> tuple[nn.Linear, LoRALinear, nn.Module]:

@@ -18,14 +18,11 @@ hits both alike; each figure is the median over rounds. The outputs are checked 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from typing import Callable
 
 import torch
 
-from loracore.bench import write_result
+from loracore.bench import interleaved_medians, write_result
 from loracore.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
 with warnings.catch_warnings():
@@ -33,19 +30,6 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnbF
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function; every round calls each once, in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -17,15 +17,13 @@ Target: ratio <= 1.3. The base-weight memory of the two quantized models is repo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
-from loracore.bench import write_result
+from loracore.bench import interleaved_medians, write_result
 from loracore.lora import inject
 from loracore.models import load_base_model, smollm2_cache_dir
 from loracore.qlora import model_bytes, quantize_model
@@ -35,19 +33,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 R, ALPHA = 16, 32
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function; every round calls each once, in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def loracore_model() -> nn.Module:

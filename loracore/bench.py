@@ -37,7 +37,7 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2) -> 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int = 7,
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
                         warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn within every round.
 
