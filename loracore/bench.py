@@ -23,18 +23,7 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2) -> 
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     if repeats < 1:
         raise ValueError(f"median_time: repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
@@ -53,7 +42,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
     for _ in range(repeats):
         for name, fn in fns.items():
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # time the work, not just its launch
             start = time.perf_counter()
             fn()
             if torch.cuda.is_available():
