@@ -7,9 +7,12 @@ A folder holds two files, exactly as ``peft.PeftModel.save_pretrained`` writes t
 - ``adapter_config.json``: ``peft_type``, ``r``, ``lora_alpha``, ``target_modules``,
   ``use_rslora`` ... so ``PeftModel.from_pretrained(base, folder)`` loads it.
 
-loracore adds one key, ``"loracore"``, to the config: a fingerprint of the base model the
-adapter was trained on (architecture, target shapes, a hash of the targeted base weights).
-An adapter only means something on that exact base, so loading onto another is refused.
+The config holds PEFT's keys only. loracore's own record goes into the safetensors header
+(``__metadata__["loracore"]``, a JSON string that PEFT ignores): a fingerprint of the base model
+the adapter was trained on (architecture, target shapes, a hash of the targeted base weights,
+float or 4-bit) and the scaling keys of the config the weights were saved with. An adapter only
+means something on that exact base, so loading onto another is refused, and so is a config that
+no longer matches its weights (an interrupted save, or a hand-edited ``lora_alpha``).
 Only safetensors are read: a pickle file (``.bin``, ``.pt``) can run code when loaded.
 """
 
@@ -35,20 +38,32 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+METADATA_KEY = "loracore"  # in the safetensors header
+SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
 __all__ = ["save_adapter", "load_adapter", "base_fingerprint", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 
-def base_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
-    """What an adapter depends on: the model class, each target's ``[out, in]`` and a
-    SHA-256 of the targeted base weights (``None`` when any target is quantized).
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor, whatever its dtype or device."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
 
-    The hash is taken on the weights rounded to bfloat16, so an adapter saved on a float32
-    base also matches the same base loaded in bfloat16. For a quantized base layer (not
-    ``nn.Linear``) the hash is ``None``: its stored values are not the original weights.
+
+def base_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
+    """What an adapter depends on: the model class, each target's ``[out, in]``, and a
+    SHA-256 of the targeted base weights.
+
+    ``weights_sha256`` (every target a float ``nn.Linear``, else ``None``) is taken on the
+    weights rounded to bfloat16, so an adapter saved on a float32 base also matches the same
+    base loaded in bfloat16. ``quantized_sha256`` (every target quantized, e.g. ``Linear4bit``,
+    else ``None``) is taken on the stored tensors themselves (packed codes and constants): the
+    same checkpoint quantized with the same settings gives the same bytes on any device. A
+    4-bit base and its float original are not compared by hash (shapes only), so a QLoRA
+    adapter can still be loaded onto the float base, for example to merge it.
     """
-    digest = hashlib.sha256()
-    hashable = True
+    float_digest, quant_digest = hashlib.sha256(), hashlib.sha256()
+    kinds = set()
     targets = {}
     for name in sorted(module_names):
         layer = model.get_submodule(name)
@@ -57,14 +72,20 @@ def base_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
             raise ValueError(f"module {name!r} has merged adapters {layer.merged_adapters}; "
                              f"unmerge() first, so the base weights can be fingerprinted")
         targets[name] = [base.out_features, base.in_features]
-        if not is_float_linear(base):
-            hashable = False
-            continue
-        w = base.weight.detach().to("cpu", torch.bfloat16).contiguous()
-        digest.update(name.encode() + b"\0")
-        digest.update(w.view(torch.int16).numpy().tobytes())
+        if is_float_linear(base):
+            kinds.add("float")
+            float_digest.update(name.encode() + b"\0")
+            float_digest.update(_tensor_bytes(base.weight.to(torch.bfloat16)))
+        else:
+            kinds.add("quantized")
+            for key, t in sorted(base.state_dict().items()):
+                if key == "bias":
+                    continue
+                quant_digest.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + b"\0")
+                quant_digest.update(_tensor_bytes(t))
     return {"architecture": type(model).__name__, "targets": targets,
-            "weights_sha256": digest.hexdigest() if hashable else None}
+            "weights_sha256": float_digest.hexdigest() if kinds == {"float"} else None,
+            "quantized_sha256": quant_digest.hexdigest() if kinds == {"quantized"} else None}
 
 
 def _compare(saved: dict, current: dict) -> list[str]:
@@ -81,6 +102,11 @@ def _compare(saved: dict, current: dict) -> list[str]:
     if not problems and a is not None and b is not None and a != b:
         problems.append("base weights: the targeted weights hash differently (same shapes, "
                         "different values: another checkpoint or a fine-tuned variant)")
+    a, b = saved.get("quantized_sha256"), current["quantized_sha256"]
+    if not problems and a is not None and b is not None and a != b:
+        problems.append("base weights: the quantized weights hash differently (same shapes, "
+                        "different bytes: another checkpoint, or quantized with other settings "
+                        "such as the blocksize or double quantization)")
     return problems
 
 
@@ -109,8 +135,9 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
-    Returns the folder. Each file is replaced atomically, and both carry the same save id,
-    so a crash mid-save leaves the previous adapter (or a mix that loading detects).
+    Returns the folder. Each file is replaced atomically. The weights file records the
+    config's scaling keys, so a crash between the two writes leaves either the previous
+    adapter or a mix that loading detects.
     """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
@@ -136,7 +163,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                          f"across layers; PEFT's config has one use_rslora")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    save_id = uuid.uuid4().hex
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
@@ -154,16 +180,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "loracore": {"save_id": save_id, "base_fingerprint": base_fingerprint(model, list(layers))},
     }
-    _atomic_write(folder / WEIGHTS_NAME,
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt", "loracore_save_id": save_id}))
+    ours = {"base_fingerprint": base_fingerprint(model, list(layers)),
+            "config": {k: config[k] for k in SCALING_KEYS}}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(ours)}
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 
-def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
-    """(config, tensors, save id in the weights file) from an adapter folder."""
+def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors, the weights file's header metadata) from an adapter folder."""
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
             raise ValueError(f"load_adapter: {path} is a pickle file; loracore reads only safetensors, "
@@ -180,11 +207,35 @@ def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path}")
     if not config_file.exists():
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path}")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_adapter: {config_file} is not valid JSON ({e})") from None
     with safe_open(str(weights), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        save_id = (f.metadata() or {}).get("loracore_save_id")
-    return config, tensors, save_id
+        metadata = f.metadata() or {}
+    return config, tensors, metadata
+
+
+def _loracore_record(config: dict, metadata: dict[str, str], path: Path) -> tuple[dict, list[str]]:
+    """loracore's record of a save (``{}`` for a file written by PEFT) and the ways the config
+    disagrees with it. Files from loracore < 0.2 kept the record in the config."""
+    if METADATA_KEY in metadata:
+        try:
+            ours = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"load_adapter: the loracore record in {path / WEIGHTS_NAME} is "
+                             f"not valid JSON; save the adapter again") from None
+        saved = ours.get("config") or {}
+        problems = [f"{key}: the weights were saved with {saved[key]!r}, {CONFIG_NAME} says "
+                    f"{config.get(key)!r}" for key in SCALING_KEYS
+                    if key in saved and saved[key] != config.get(key)]
+        return ours, problems
+    ours = config.get("loracore") or {}
+    file_id = metadata.get("loracore_save_id")
+    if ours.get("save_id") and file_id and ours["save_id"] != file_id:
+        return ours, [f"{CONFIG_NAME} and {WEIGHTS_NAME} come from two different saves"]
+    return ours, []
 
 
 def _check_config(config: dict, path: Path) -> None:
@@ -214,17 +265,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     LoRA layers are injected where the file has weights (added as a new adapter where the
     layer already has LoRA). ``adapter_name`` defaults to ``"default"``; the loaded adapter
     becomes the active one. With ``strict=True`` an adapter whose recorded base fingerprint
-    differs from ``model`` is refused; ``strict=False`` loads it with a warning.
+    differs from ``model``, or whose config no longer matches its weights file, is refused;
+    ``strict=False`` loads it with a warning.
     Returns ``model``.
     """
     path = Path(path)
     adapter_name = adapter_name or "default"
-    config, tensors, file_save_id = _read_files(path)
+    config, tensors, metadata = _read_files(path)
     _check_config(config, path)
-    ours = config.get("loracore") or {}
-    if ours.get("save_id") and file_save_id and ours["save_id"] != file_save_id:
-        raise ValueError(f"load_adapter: {CONFIG_NAME} and {WEIGHTS_NAME} in {path} come from two "
-                         f"different saves (an interrupted save?); save the adapter again")
+    ours, mismatch = _loracore_record(config, metadata, path)
+    if mismatch:
+        msg = (f"load_adapter: {CONFIG_NAME} in {path} does not match its weights file:\n  - "
+               + "\n  - ".join(mismatch))
+        if strict:
+            raise ValueError(msg + "\nAn interrupted save or an edited config: save the adapter "
+                                   "again, or pass strict=False to load it with the config as it is.")
+        warnings.warn(msg, stacklevel=2)
 
     # Module name -> (A, B) from keys like base_model.model.<name>.lora_A.weight
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -69,10 +69,15 @@ def test_files_use_peft_key_names_and_config_fields(trained, tmp_path):
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_rslora"] is False
     assert config["target_modules"] == ["q_proj", "v_proj"]
-    fp = config["loracore"]["base_fingerprint"]
+    assert "loracore" not in config  # PEFT's keys only: PEFT loads it without a warning
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        ours = json.loads(f.metadata()["loracore"])
+    fp = ours["base_fingerprint"]
     assert fp["architecture"] == "Qwen2ForCausalLM"
     assert fp["targets"]["model.layers.0.self_attn.v_proj"] == [32, 64]
-    assert len(fp["weights_sha256"]) == 64
+    assert len(fp["weights_sha256"]) == 64 and fp["quantized_sha256"] is None
+    assert ours["config"] == {"r": 4, "lora_alpha": 8, "use_rslora": False,
+                              "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def test_round_trip_gives_the_same_logits(base, trained, tmp_path, ids):
@@ -206,12 +211,37 @@ def test_crash_mid_save_keeps_the_previous_adapter(base, trained, tmp_path, ids,
     load_adapter(copy.deepcopy(base), folder)
 
 
-def test_files_from_two_saves_are_detected(trained, tmp_path):
+def test_config_that_no_longer_matches_its_weights_is_detected(base, trained, tmp_path, ids):
+    """A config from another save (or edited by hand) would change the scaling silently."""
     a = save_adapter(trained, tmp_path / "a")
-    b = save_adapter(trained, tmp_path / "b")
+    other = inject(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_alpha=16)
+    b = save_adapter(other, tmp_path / "b")
     (a / CONFIG_NAME).write_bytes((b / CONFIG_NAME).read_bytes())
+    with pytest.raises(ValueError, match=r"lora_alpha: the weights were saved with 8, adapter_config.json says 16"):
+        load_adapter(copy.deepcopy(base), a)
+    with pytest.warns(UserWarning, match="does not match its weights file"):
+        loaded = load_adapter(copy.deepcopy(base), a, strict=False)
+    assert next(iter(lora_layers(loaded).values())).lora_alpha["default"] == 16
+
+
+def test_files_from_an_earlier_loracore_still_load(base, trained, tmp_path, ids):
+    """loracore 0.1 kept its record in the config, tied to the weights by a save id."""
+    folder = save_adapter(trained, tmp_path / "old")
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    fp = adapters.base_fingerprint(trained, list(lora_layers(trained)))
+    del fp["quantized_sha256"]  # not in 0.1's record
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"loracore_save_id": "1"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config | {"loracore": {"save_id": "1", "base_fingerprint": fp}}))
+    torch.testing.assert_close(logits(load_adapter(copy.deepcopy(base), folder), ids), logits(trained, ids))
+    nudged = copy.deepcopy(base)
+    with torch.no_grad():
+        nudged.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="hash differently"):
+        load_adapter(nudged, folder)
+    (folder / CONFIG_NAME).write_text(json.dumps(config | {"loracore": {"save_id": "2", "base_fingerprint": fp}}))
     with pytest.raises(ValueError, match="two different saves"):
-        load_adapter(tiny_qwen2(), a)
+        load_adapter(copy.deepcopy(base), folder)
 
 
 def test_non_lora_tensors_and_configs_are_refused(base, trained, tmp_path):

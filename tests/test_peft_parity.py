@@ -60,7 +60,7 @@ def check_both_directions(name: str, targets, use_rslora: bool, tmp_path) -> Non
     randomize_lora(lora_layers(ours).values(), seed=1)
     save_adapter(ours, tmp_path / "loracore_adapter")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Unexpected keyword arguments.*loracore")
+        warnings.filterwarnings("error", message=".*Unexpected keyword")  # our config is PEFT's own
         theirs = PeftModel.from_pretrained(load(name), tmp_path / "loracore_adapter").eval()
     assert len(peft_lora_modules(theirs)) == len(lora_layers(ours))
     want = logits(theirs, ids)

@@ -196,3 +196,39 @@ def test_adapter_trained_on_4bit_base_saves_and_loads(tiny, tmp_path):
     quantize_model(fresh)
     load_adapter(fresh, path)
     assert torch.equal(fresh(input_ids=ids).logits, want)
+
+
+def test_qlora_adapter_fingerprints_the_4bit_base(tiny, tmp_path):
+    """The 4-bit bytes are hashed: the same base quantized again matches, a base quantized
+    with another blocksize or from other weights is refused, and the float original (shapes
+    only) is accepted, so a QLoRA adapter can be merged into the float base."""
+    from loracore.models import load_base_model
+    model, _ = qlora_model(tiny)
+    randomize_B(model)
+    path = save_adapter(model, tmp_path / "qlora")
+    fp = load_fingerprint(path)
+    assert fp["weights_sha256"] is None and len(fp["quantized_sha256"]) == 64
+
+    same = quantize_model(load_base_model("tiny-qwen2", verbose=False)[0])
+    load_adapter(same, path)
+
+    other_blocksize = quantize_model(load_base_model("tiny-qwen2", verbose=False)[0], blocksize=128)
+    with pytest.raises(ValueError, match="quantized weights hash differently"):
+        load_adapter(other_blocksize, path)
+
+    nudged = load_base_model("tiny-qwen2", verbose=False)[0]
+    with torch.no_grad():
+        nudged.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="quantized weights hash differently"):
+        load_adapter(quantize_model(nudged), path)
+
+    float_base = load_base_model("tiny-qwen2", verbose=False)[0]
+    load_adapter(float_base, path)
+    assert len(lora_layers(float_base)) == len(lora_layers(model))
+
+
+def load_fingerprint(path) -> dict:
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["loracore"])["base_fingerprint"]
