@@ -136,8 +136,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
     Returns the folder. Each file is replaced atomically. The weights file records the
-    config's scaling keys, so a crash between the two writes leaves either the previous
-    adapter or a mix that loading detects.
+    config's scaling keys, so a crash between the two writes leaves the previous adapter, or a
+    mix that loading refuses wherever it would change the result (a different r or alpha).
     """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
