@@ -31,7 +31,9 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
     """Median seconds per call of each function, timed in turn within every round.
 
     Interleaving puts loracore and its reference under the same load at the same moments,
-    so a busy machine slows both alike and their ratio stays meaningful.
+    so a busy machine slows both alike and their ratio stays meaningful. The order turns
+    around every round (a, b, b, a, a, b ...), so neither side always runs first: whatever
+    the previous call leaves behind (warm caches, memory to free) falls on both alike.
     """
     if repeats < 1:
         raise ValueError(f"interleaved_medians: repeats must be >= 1, got {repeats}")
@@ -39,8 +41,9 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 7,
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_ in range(repeats):
+        for name, fn in (order if round_ % 2 == 0 else order[::-1]):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # time the work, not just its launch
             start = time.perf_counter()

@@ -22,6 +22,12 @@ def test_interleaved_medians_times_each_function_in_every_round():
         bench.interleaved_medians({"a": make("a")}, 0)
 
 
+def test_interleaved_medians_turns_the_order_around_every_round():
+    seen = []
+    bench.interleaved_medians({k: (lambda k=k: seen.append(k)) for k in "abc"}, 3, warmup=0)
+    assert "".join(seen) == "abccbaabc"
+
+
 def test_write_result_writes_json_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
     row = {"what": "x", "loracore": 1.0, "reference": 2.0, "reference_name": "ref",
