@@ -258,6 +258,16 @@ def _pattern_value(pattern: dict, name: str, default: float) -> float:
     return default
 
 
+def _refuse_or_warn(problems: list[str], headline: str, advice: str, strict: bool) -> None:
+    """Raise ``ValueError`` listing ``problems`` (``strict``), else warn; nothing when empty."""
+    if not problems:
+        return
+    msg = f"load_adapter: {headline}:\n  - " + "\n  - ".join(problems)
+    if strict:
+        raise ValueError(f"{msg}\n{advice}")
+    warnings.warn(msg, stacklevel=3)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
                  strict: bool = True) -> nn.Module:
     """Load an adapter folder written by loracore or PEFT into ``model`` (in place).
@@ -274,13 +284,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     config, tensors, metadata = _read_files(path)
     _check_config(config, path)
     ours, mismatch = _loracore_record(config, metadata, path)
-    if mismatch:
-        msg = (f"load_adapter: {CONFIG_NAME} in {path} does not match its weights file:\n  - "
-               + "\n  - ".join(mismatch))
-        if strict:
-            raise ValueError(msg + "\nAn interrupted save or an edited config: save the adapter "
-                                   "again, or pass strict=False to load it with the config as it is.")
-        warnings.warn(msg, stacklevel=2)
+    _refuse_or_warn(mismatch, f"{CONFIG_NAME} in {path} does not match its weights file",
+                    "An interrupted save or an edited config: save the adapter again, or pass "
+                    "strict=False to load it with the config as it is.", strict)
 
     # Module name -> (A, B) from keys like base_model.model.<name>.lora_A.weight
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -312,14 +318,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     saved_fp = ours.get("base_fingerprint")
     if saved_fp:
-        problems = _compare(saved_fp, base_fingerprint(model, list(pairs)))
-        if problems:
-            msg = (f"load_adapter: {path} was trained on a different base model:\n  - "
-                   + "\n  - ".join(problems))
-            if strict:
-                raise ValueError(msg + "\nAn adapter is tied to its exact base. Pass strict=False "
-                                       "to load it anyway.")
-            warnings.warn(msg, stacklevel=2)
+        _refuse_or_warn(_compare(saved_fp, base_fingerprint(model, list(pairs))),
+                        f"{path} was trained on a different base model",
+                        "An adapter is tied to its exact base. Pass strict=False to load it anyway.",
+                        strict)
 
     # Inject layer groups sharing (r, alpha); each group targets exactly its full names.
     groups: dict[tuple[int, float], list[str]] = {}
