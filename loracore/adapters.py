@@ -219,7 +219,8 @@ def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, st
 
 def _loracore_record(config: dict, metadata: dict[str, str], path: Path) -> tuple[dict, list[str]]:
     """loracore's record of a save (``{}`` for a file written by PEFT) and the ways the config
-    disagrees with it. Files from loracore < 0.2 kept the record in the config."""
+    disagrees with it. Files saved before the record moved to the header keep it in the
+    config, tied to the weights file by a save id; they still load."""
     if METADATA_KEY in metadata:
         try:
             ours = json.loads(metadata[METADATA_KEY])

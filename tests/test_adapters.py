@@ -225,7 +225,8 @@ def test_config_that_no_longer_matches_its_weights_is_detected(base, trained, tm
 
 
 def test_files_from_an_earlier_loracore_still_load(base, trained, tmp_path, ids):
-    """loracore 0.1 kept its record in the config, tied to the weights by a save id."""
+    """Files saved before the record moved to the header keep it in the config, tied to the
+    weights by a save id."""
     folder = save_adapter(trained, tmp_path / "old")
     tensors = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
     config = json.loads((folder / CONFIG_NAME).read_text())
@@ -256,3 +257,16 @@ def test_non_lora_tensors_and_configs_are_refused(base, trained, tmp_path):
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME))
     with pytest.raises(ValueError, match="embed_tokens"):
         load_adapter(base, folder)
+
+
+def test_unreadable_config_or_record_names_the_file(base, trained, tmp_path):
+    folder = save_adapter(trained, tmp_path / "ad")
+    good_config = (folder / CONFIG_NAME).read_text()
+    (folder / CONFIG_NAME).write_text(good_config[:40])  # cut short
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME} is not valid JSON"):
+        load_adapter(copy.deepcopy(base), folder)
+    (folder / CONFIG_NAME).write_text(good_config)
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"loracore": "{"})
+    with pytest.raises(ValueError, match=f"loracore record in .*{WEIGHTS_NAME} is not valid JSON"):
+        load_adapter(copy.deepcopy(base), folder)
