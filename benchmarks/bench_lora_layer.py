@@ -31,8 +31,6 @@ SHAPES = [(896, 896), (896, 4864)]
 R, ALPHA, BATCH, SEQ = 16, 32, 8, 256
 
 
-
-
 def layers(d_in: int, d_out: int) -> tuple[nn.Linear, LoRALinear, nn.Module]:
     """A plain layer, and loracore's and PEFT's LoRA around copies of it with equal A and B."""
     torch.manual_seed(0)

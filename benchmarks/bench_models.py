@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from loracore import models
 from loracore.bench import interleaved_medians, median_time, write_result

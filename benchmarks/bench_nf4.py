@@ -30,8 +30,6 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnbF
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1024 x 1024 matrix, 3 rounds")

@@ -33,8 +33,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 R, ALPHA = 16, 32
 
 
-
-
 def loracore_model() -> nn.Module:
     model, _ = load_base_model("smollm2-135m", verbose=False)
     quantize_model(model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loracore.adapters import load_adapter, save_adapter
-from loracore.lora import LoRALinear, inject, lora_layers, trainable_parameters
+from loracore.lora import inject, lora_layers, trainable_parameters
 from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from loracore.qlora import Linear4bit, model_bytes, quantize_model
 from loracore.train import causal_lm_loss
