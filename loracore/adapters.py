@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from loracore.lora import LoRALinear, inject, is_float_linear, linear_layer_names, lora_layers
+from loracore.layer import LoRALinear, is_float_linear
+from loracore.surgery import inject, linear_layer_names, lora_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -12,7 +12,7 @@ gradient on to earlier layers), and never kept in full precision between the two
 Usage::
 
     model = quantize_model(model)                     # every nn.Linear but lm_head -> Linear4bit
-    inject(model, "all-linear", r=16, lora_alpha=32)  # loracore.lora, unchanged
+    inject(model, "all-linear", r=16, lora_alpha=32)  # loracore.surgery, unchanged
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from loracore.lora import lora_layers
+from loracore.layer import register_linear_type
 from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from loracore.surgery import lora_layers
 
 __all__ = ["Linear4bit", "quantize_model", "model_bytes"]
 
@@ -47,6 +48,7 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, None  # the base weight is frozen: no gradient for it
 
 
+@register_linear_type  # so inject() wraps it, and merge() refuses to add ΔW to packed codes
 class Linear4bit(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 (``out_features x in_features``).
 

@@ -70,6 +70,32 @@ def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
+                          weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): ``lora_B`` learns
+    ``loraplus_lr_ratio`` times faster than ``lora_A``.
+
+    Returns groups ``{"name", "params", "lr", "weight_decay"}`` for the trainable ``lora_A``
+    weights (lr), ``lora_B`` weights (lr · ratio) and any other trainable parameters (lr);
+    pass them straight to ``torch.optim.AdamW``.
+    """
+    if lr <= 0 or loraplus_lr_ratio <= 0:
+        raise ValueError(f"loraplus_param_groups: lr and loraplus_lr_ratio must be positive, "
+                         f"got lr={lr}, loraplus_lr_ratio={loraplus_lr_ratio}")
+    groups: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else "other"
+        groups[key].append(p)
+    if not groups["lora_A"] and not groups["lora_B"]:
+        raise ValueError("loraplus_param_groups: the model has no trainable LoRA parameters; "
+                         "call inject() first")
+    lrs = {"lora_A": lr, "lora_B": lr * loraplus_lr_ratio, "other": lr}
+    return [{"name": k, "params": v, "lr": lrs[k], "weight_decay": weight_decay}
+            for k, v in groups.items() if v]
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` measured. ``losses[i]``/``lrs[i]``: loss and lr of optimizer step i."""
@@ -160,8 +186,6 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
     torch.manual_seed(seed)
     if optimizer is None:
         if loraplus_lr_ratio is not None:
-            from loracore.lora import loraplus_param_groups  # only LoRA+ needs LoRA layers
-
             groups = loraplus_param_groups(model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
                                            weight_decay=weight_decay)
         else:

@@ -1,4 +1,4 @@
-"""Invariants of the LoRA layer and of injection (loracore/lora.py).
+"""Invariants of the LoRA layer and of injection (loracore/layer.py, loracore/surgery.py).
 
 Every test that checks an output sets B to non-zero values first: with B = 0 the adapter
 adds nothing, and a test of it would pass whatever the code did.
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from loracore.lora import (LoRALinear, delete_adapter, disable_adapters, inject, is_linear,
-                           linear_layer_names, lora_layers, loraplus_param_groups, merge_adapters,
-                           register_linear_type, remove_lora, set_adapter, trainable_parameters,
-                           unmerge_adapters)
+                           linear_layer_names, lora_layers, merge_adapters, register_linear_type,
+                           remove_lora, set_adapter, trainable_parameters, unmerge_adapters)
+from loracore.train import loraplus_param_groups
 
 
 def tiny_qwen2() -> nn.Module:
@@ -433,3 +433,39 @@ def test_forward_shapes_and_mixed_dtypes():
     randomize_B(mixed)
     out = mixed(torch.randn(3, 16))
     assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
+
+
+# ---- the pure functions and the module structure -------------------------------------------
+def test_pure_functions_are_what_the_layer_computes(layer, x):
+    from loracore.layer import delta_weight, lora_forward, scaling
+    randomize_B(layer)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    base = layer.base_layer
+    assert scaling(8, 4) == layer.scaling["default"] == 2.0
+    assert scaling(8, 4, use_rslora=True) == 4.0
+    assert torch.equal(delta_weight(A, B, 2.0), layer.get_delta_weight("default"))
+    # the layer calls the same function, so the two agree bit for bit
+    assert torch.equal(lora_forward(x, base.weight, base.bias, A, B, 2.0), layer(x))
+    assert torch.equal(lora_forward(x, base.weight, base.bias, A, torch.zeros_like(B), 2.0), base(x))
+
+
+def test_one_idea_per_module_and_no_import_circle():
+    """layer.py imports no model surgery, qlora registers itself with the layer, and nothing
+    imports loracore.lora (the facade) from inside the library."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "loracore"
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((root / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loracore")}
+
+    assert imports("layer") == set()
+    assert "loracore.layer" in imports("surgery") and "loracore.qlora" not in imports("surgery")
+    assert "loracore.layer" in imports("qlora")
+    for path in root.rglob("*.py"):
+        if path.name != "lora.py":
+            tree = ast.parse(path.read_text())
+            used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            assert "loracore.lora" not in used, f"{path.name} imports the facade loracore.lora"

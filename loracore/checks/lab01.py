@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from loracore.lora import inject, trainable_parameters
+from loracore.surgery import inject, trainable_parameters
 from loracore.selfcheck import Check, ExerciseFailed, call_learner, report
 
 

@@ -13,7 +13,7 @@ import torch
 
 from loracore.data import IGNORE_INDEX, collate
 from loracore.evaluate import answers_match, generate_answers
-from loracore.lora import inject
+from loracore.surgery import inject
 from loracore.models import load_base_model
 from loracore.selfcheck import Check, call_learner, report
 from loracore.train import causal_lm_loss
