@@ -1,0 +1,247 @@
+"""`loracore finetune`: one process equals two (torchrun, gloo), a killed run resumes to the same
+adapter bit for bit, and bad input is refused with a message that says what to fix.
+
+Runs on tiny-qwen2 (milliseconds a step); the processes are real: torchrun and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loracore import finetune
+from loracore.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "capitals_train.jsonl"
+EVAL = ROOT / "data" / "capitals_test.jsonl"
+COMMON = ["--model", "tiny-qwen2", "--data", str(DATA), "--rank", "4", "--lora-alpha", "8",
+          "--batch-size", "4", "--lr", "5e-3", "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "loracore.finetune",
+           *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _run(out: Path, *extra: str) -> int:
+    return finetune.main([*COMMON, "--out", str(out), *extra])
+
+
+# ---- results ------------------------------------------------------------------------------
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 gloo processes, each taking half of every global batch, gives the
+    single-process adapter within 1e-6 after 5 steps (grad accumulation included)."""
+    args = [*COMMON, "--steps", "5", "--grad-accum", "2"]
+    one = _torchrun(1, [*args, "--out", str(tmp_path / "one")])
+    two = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 28  # 7 projections x 2 layers x (A, B)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    # B starts at zero: a non-zero B proves the steps trained something
+    assert all(a[k].abs().max() > 0 for k in a if k.endswith("lora_B.weight"))
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert h1["loss"] == pytest.approx(h2["loss"], abs=1e-6)
+    assert two.stdout.count("Adapter saved") == 1  # rank 0 alone prints and writes
+
+
+def test_outputs_load_back_and_record_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "3", "--eval", str(EVAL), "--eval-every", "2") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
+                                                     "adapter_model.safetensors", "history.json",
+                                                     "training_args.json"]
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["r"] == 4 and args["steps"] == 3 and args["target_modules"] == "all-linear"
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 3 and len(history["lr"]) == 3
+    assert [e["step"] for e in history["eval"]] == [2, 3] and history["tokens"] > 0
+
+    from loracore.adapters import load_adapter
+    from loracore.models import load_base_model
+    model, _ = load_base_model("tiny-qwen2", verbose=False)
+    load_adapter(model, out)
+    saved = _adapter(out)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(layer.lora_A["default"].weight,
+                       saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+def test_model_from_a_local_folder_and_qlora(tmp_path):
+    from loracore.models import load_base_model
+    model, tokenizer = load_base_model("tiny-qwen2", verbose=False)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = [a if a != "tiny-qwen2" else str(tmp_path / "base") for a in COMMON]
+    assert finetune.main([*args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    assert _run(tmp_path / "b", "--steps", "2") == 0
+    # the same weights by path or by name: the same adapter
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _run(tmp_path / "q", "--steps", "2", "--qlora") == 0
+    q = _adapter(tmp_path / "q")
+    assert any(not torch.equal(q[k], b[k]) for k in q)  # a 4-bit base trains differently
+
+
+# ---- resume -------------------------------------------------------------------------------
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import loracore.checkpoint as ck
+    import loracore.finetune as ft
+    where, at = sys.argv[1], int(sys.argv[2])
+    if where == "after-checkpoint":
+        original = ft._save_checkpoint
+        def save(*args, **kwargs):
+            original(*args, **kwargs)
+            if args[5]["step"] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        ft._save_checkpoint = save
+    else:  # mid-write: the old checkpoint is renamed aside, the new one not yet in place
+        original_replace = ck.os.replace
+        calls = []
+        def replace(src, dst):
+            original_replace(src, dst)
+            calls.append(dst)
+            if str(dst).endswith("checkpoint.old") and len(calls) >= at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        ck.os.replace = replace
+    sys.exit(ft.main(sys.argv[3:]))
+""")
+
+
+@pytest.mark.parametrize("where, at, resumes_from", [("after-checkpoint", 4, 4),
+                                                     ("mid-write", 1, 2)])
+def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path, where, at, resumes_from):
+    steps = ["--steps", "6", "--save-every", "2"]
+    assert _run(tmp_path / "whole", *steps) == 0
+
+    out = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", KILLER, where, str(at), *COMMON, "--out",
+                            str(out), *steps], env=_env(), capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert not (out / "adapter_model.safetensors").exists()  # it really died before the end
+    assert read_checkpoint(out / "checkpoint")["state"]["step"] == resumes_from
+
+    assert _run(out, *steps, "--resume") == 0
+    whole, resumed = _adapter(tmp_path / "whole"), _adapter(out)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    h_whole = json.loads((tmp_path / "whole" / "history.json").read_text())
+    h_resumed = json.loads((out / "history.json").read_text())
+    assert h_whole["loss"] == h_resumed["loss"]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") or "checkpoint" in p.name]
+    assert leftovers == []
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def test_broken_data_line_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    lines = DATA.read_text().splitlines()
+    bad.write_text("\n".join(lines[:3] + ['{"messages": [oops'] + lines[3:6]) + "\n")
+    args = [a if a != str(DATA) else str(bad) for a in COMMON]
+    assert finetune.main([*args, "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:4" in err and "not valid JSON" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_resume_from_a_different_configuration_says_which_setting(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "4", "--save-every", "2") == 0
+    # a finished run has no checkpoint left; make one that stops half-way
+    out2 = tmp_path / "half"
+    child = subprocess.run([sys.executable, "-c", KILLER, "after-checkpoint", "2", *COMMON,
+                            "--out", str(out2), "--steps", "4", "--save-every", "2"],
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    before = {p.name: p.stat().st_mtime_ns for p in out2.rglob("*")}
+    assert finetune.main([*COMMON[:4], "--rank", "8", *COMMON[6:], "--out", str(out2),
+                          "--steps", "4", "--save-every", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "r: the checkpoint's run has 4, this command 8" in err
+    assert finetune.main([*COMMON, "--lr", "1e-2", "--out", str(out2), "--steps", "4",
+                          "--save-every", "2", "--resume"]) == 2
+    assert "lr:" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out2.rglob("*")} == before  # untouched
+    assert _run(out, "--steps", "4", "--resume") == 2  # finished: no checkpoint to resume
+    assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_output_folder_with_other_files_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my thesis")
+    assert _run(out, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert _run(out, "--steps", "1", "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "my thesis"  # replaced our files, not theirs
+    assert _run(out, "--steps", "1") == 2
+    assert "an earlier run" in capsys.readouterr().err
+
+
+def test_world_size_must_divide_the_global_batch(tmp_path):
+    args = [a if a != "4" else "3" for a in COMMON]  # --rank 3, --batch-size 3
+    result = _torchrun(2, [*args, "--out", str(tmp_path / "o"), "--steps", "1"], timeout=120)
+    assert result.returncode != 0
+    assert "--batch-size 3 is not divisible by the 2 processes" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "expected a number >= 1"),
+    (["--steps", "2.5"], "expected a whole number"),
+    (["--steps", "1", "--lr", "-1"], "expected a finite number > 0"),
+    (["--steps", "1", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--steps", "2", "--warmup-steps", "3"], "--warmup-steps must be between 0 and --steps"),
+    (["--steps", "1", "--resume", "--overwrite"], "pass one of them"),
+    (["--steps", "1", "--eval", "/no/such/file.jsonl"], "--eval: no such file"),
+])
+def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
+    try:
+        code = _run(tmp_path / "o", *extra)
+    except SystemExit as exc:  # argparse's own refusal (exit 2)
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_is_refused(tmp_path, capsys):
+    args = [a if a != "tiny-qwen2" else "no-such-model" for a in COMMON]
+    assert finetune.main([*args, "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "neither a course model" in capsys.readouterr().err
