@@ -16,6 +16,7 @@ from torch import nn
 from loracore.lora import (LoRALinear, delete_adapter, disable_adapters, inject, is_linear,
                            linear_layer_names, lora_layers, merge_adapters, register_linear_type,
                            remove_lora, set_adapter, trainable_parameters, unmerge_adapters)
+from loracore.layer import lora_update
 from loracore.train import loraplus_param_groups
 
 
@@ -223,8 +224,26 @@ def test_gradients_reach_only_the_adapter(layer, x):
     assert layer.lora_A["default"].weight.grad.abs().sum() == 0
 
 
-def test_adapter_follows_base_dtype():
-    layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, lora_alpha=4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_on_a_low_precision_base_is_float32(dtype):
+    """As PEFT's autocast_adapter_dtype: A and B in float32, the output in the base's dtype."""
+    layer = LoRALinear(nn.Linear(8, 8).to(dtype), r=2, lora_alpha=4)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_B["default"].weight.dtype == torch.float32
+    randomize_B(layer)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    base = layer.base_layer(x)
+    update = lora_update(x.float(), layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                         layer.scaling["default"])
+    assert torch.equal(out, base + update.to(dtype))
+    assert layer.get_delta_weight("default").dtype == torch.float32
+
+
+def test_adapter_follows_base_dtype_when_asked():
+    layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, lora_alpha=4,
+                       autocast_adapter_dtype=False)
     assert layer.lora_A["default"].weight.dtype == torch.bfloat16
     out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
