@@ -172,9 +172,12 @@ class LoRALinear(nn.Module):
         tensors += list(self.base_layer.parameters()) + list(self.base_layer.buffers())
         device = tensors[0].device if tensors else torch.device("cpu")
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            low = weight.dtype in (torch.bfloat16, torch.float16)
-            return device, torch.float32 if low and self.autocast_adapter_dtype else weight.dtype
-        return device, getattr(self.base_layer, "compute_dtype", torch.float32)
+            dtype = weight.dtype
+        else:
+            dtype = getattr(self.base_layer, "compute_dtype", torch.float32)
+        if self.autocast_adapter_dtype and dtype in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        return device, dtype
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:
