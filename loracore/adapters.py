@@ -214,10 +214,16 @@ def _write_folder(folder: Path, write_files) -> None:
         raise
     _fsync_dir(folder.parent)
     _checkpoint("new-complete")
-    if folder.exists():
-        os.rename(folder, old)
-        _checkpoint("old-aside")
-    os.rename(new, folder)
+    try:
+        if folder.exists():
+            os.rename(folder, old)
+            _checkpoint("old-aside")
+        os.rename(new, folder)
+    except BaseException:  # still running (not killed): put the previous folder back now
+        if not folder.exists() and old.exists():
+            os.rename(old, folder)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     _fsync_dir(folder.parent)
     _checkpoint("new-in-place")
     shutil.rmtree(old, ignore_errors=True)
@@ -242,8 +248,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
+        for what in ("lora_A", "lora_B"):
+            weight = getattr(layer, what)[adapter_name].weight.detach().cpu().contiguous()
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"save_adapter: {what} of adapter {adapter_name!r} on module {name!r} "
+                                 f"holds inf or NaN (diverged training?); nothing was written, "
+                                 f"since loading it would be refused")
+            tensors[f"{PREFIX}{name}.{what}.weight"] = weight
     ranks = {n: m.r[adapter_name] for n, m in layers.items()}
     alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}

@@ -271,6 +271,8 @@ class LoRALinear(nn.Module):
         Memory: while anything is merged the layer keeps a copy of the original base weight
         (``out_features x in_features`` in the base dtype), so :meth:`unmerge` restores it bit
         for bit in bfloat16 as in float32 (subtracting ΔW again would round differently).
+        A layer cannot see whether its weight is tied to another module's (a tied output head);
+        :func:`loracore.surgery.merge_adapters` checks that and refuses.
         """
         names = list(self.active_adapters) if names is None else (
             [names] if isinstance(names, str) else list(names))

@@ -537,6 +537,13 @@ def test_save_refusals_leave_every_file_as_it_was(trained, saved, tmp_path):
         save_adapter(trained, saved, adapter_name="nope")
     with pytest.raises(ValueError, match="save_adapter: .*a-file is a file; give a folder path"):
         save_adapter(trained, tmp_path / "a-file")
+    with torch.no_grad():
+        lora_layers(trained)[Q0].lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"save_adapter: lora_B of adapter 'default' on module '{Q0}' "
+                                         f"holds inf or NaN.*nothing was written"):
+        save_adapter(trained, saved)
+    with torch.no_grad():
+        lora_layers(trained)[Q0].lora_B["default"].weight[0, 0] = 0.0
     merge_adapters(trained)
     with pytest.raises(ValueError, match=f"save_adapter: module '{Q0}' has merged adapters.*unmerge"):
         save_adapter(trained, saved)
@@ -630,3 +637,18 @@ def test_sigkill_during_save_leaves_the_old_or_the_new_adapter(tmp_path, stage):
     save_adapter(sigkill_model(3), folder)  # the next save removes every leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_save_interrupted_between_the_renames_puts_the_old_folder_back(trained, saved, tmp_path,
+                                                                      monkeypatch):
+    files = tree(tmp_path)
+    randomize_B(trained, seed=7)
+
+    def interrupt(stage: str) -> None:
+        if stage == "old-aside":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapters, "_checkpoint", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(trained, saved)
+    assert tree(tmp_path) == files
