@@ -14,6 +14,12 @@ float or 4-bit) and the scaling keys of the config the weights were saved with. 
 means something on that exact base, so loading onto another is refused, and so is a config that
 no longer matches its weights (an interrupted save, or a hand-edited ``lora_alpha``).
 Only safetensors are read: a pickle file (``.bin``, ``.pt``) can run code when loaded.
+
+Saving is crash-safe: both files are written into a fresh hidden sibling folder, synced, then
+swapped in with renames, so a crash or SIGKILL at any moment leaves either the complete previous
+adapter or the complete new one; the next save (or a load that finds no folder) finishes or
+removes what an interrupted swap left. Loading is all-or-nothing: every tensor and config value
+is checked before the model changes, and a failure half-way leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import collections
 import hashlib
 import json
 import os
+import math
 import re
+import shutil
+import stat
 import uuid
 import warnings
 from pathlib import Path
@@ -32,8 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from loracore.layer import LoRALinear, is_float_linear
-from loracore.surgery import inject, linear_layer_names, lora_layers
+from loracore.layer import LoRALinear, check_adapter_args, is_float_linear
+from loracore.surgery import all_or_nothing, inject, linear_layer_names, lora_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -121,39 +130,131 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash leaves the old file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+# ---- crash-safe saving ---------------------------------------------------------------------
+# A save of folder F writes .F.loracore-tmp-<id> (both files, synced), renames it to
+# .F.loracore-new-<id> (now known complete), renames F aside to .F.loracore-old-<id>, renames
+# the new folder to F, and removes the old one. Whatever moment a crash hits, F or one of the
+# hidden siblings holds a complete adapter, and _recover() knows which.
+_STAGES = ("new-complete", "old-aside", "new-in-place")
+
+
+def _checkpoint(stage: str) -> None:
+    """Marks a stage of :func:`save_adapter` (a no-op; the crash tests kill the process here)."""
+
+
+def _leftovers(folder: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.loracore-(tmp|new|old)-[0-9a-f]{{32}}")
+    if folder.parent.is_dir():
+        for entry in folder.parent.iterdir():
+            m = pattern.fullmatch(entry.name)
+            if m:
+                found[m.group(1)].append(entry)
+    return found
+
+
+def _recover(folder: Path) -> None:
+    """Finish or undo an interrupted save of ``folder`` and remove its hidden leftovers: if the
+    folder is missing, the complete new adapter (else the previous one) takes its place."""
+    left = _leftovers(folder)
+    if not folder.exists():
+        for complete in left["new"] + left["old"]:
+            os.rename(complete, folder)
+            _fsync_dir(folder.parent)
+            break
+    for entry in left["tmp"] + left["new"] + left["old"]:
+        if entry.exists():
+            shutil.rmtree(entry)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)  # the same bytes, no copy
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_folder(folder: Path, write_files) -> None:
+    """Replace ``folder`` by a new one made by ``write_files(tmp)``, atomically as seen by a
+    reader (see above). Other entries a user keeps in the folder carry over (hard links)."""
+    token = uuid.uuid4().hex
+    tmp = folder.parent / f".{folder.name}.loracore-tmp-{token}"
+    new = folder.parent / f".{folder.name}.loracore-new-{token}"
+    old = folder.parent / f".{folder.name}.loracore-old-{token}"
+    os.mkdir(tmp)
+    try:
+        write_files(tmp)
+        if folder.exists():
+            os.chmod(tmp, stat.S_IMODE(folder.stat().st_mode))
+            for entry in folder.iterdir():
+                if entry.name in (WEIGHTS_NAME, CONFIG_NAME):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(str(entry), str(tmp / entry.name))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, new)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
+    _checkpoint("new-complete")
+    try:
+        if folder.exists():
+            os.rename(folder, old)
+            _checkpoint("old-aside")
+        os.rename(new, folder)
+    except BaseException:  # still running (not killed): put the previous folder back now
+        if not folder.exists() and old.exists():
+            os.rename(old, folder)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
+    _checkpoint("new-in-place")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
-    Returns the folder. Each file is replaced atomically. The weights file records the
-    config's scaling keys, so a crash between the two writes leaves the previous adapter, or a
-    mix that loading refuses wherever it would change the result (a different r or alpha).
+    Returns the folder. Crash-safe: a crash or SIGKILL at any moment leaves the folder holding
+    the complete previous adapter or the complete new one (see the module docstring); other
+    files in the folder are kept. Everything is checked before the disk is touched, so a
+    refused save changes nothing. One writer per folder at a time.
     """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
         known = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
         raise ValueError(f"save_adapter: no adapter named {adapter_name!r} in the model "
                          f"(adapters: {known})")
-    folder = Path(path)
+    folder = Path(os.path.realpath(path))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_adapter: {folder} is a file; give a folder path")
-    folder.mkdir(parents=True, exist_ok=True)
 
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
+        for what in ("lora_A", "lora_B"):
+            weight = getattr(layer, what)[adapter_name].weight.detach().cpu().contiguous()
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"save_adapter: {what} of adapter {adapter_name!r} on module {name!r} "
+                                 f"holds inf or NaN (diverged training?); nothing was written, "
+                                 f"since loading it would be refused")
+            tensors[f"{PREFIX}{name}.{what}.weight"] = weight
     ranks = {n: m.r[adapter_name] for n, m in layers.items()}
     alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
@@ -182,22 +283,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "inference_mode": True,
         "modules_to_save": None,
     }
-    ours = {"base_fingerprint": base_fingerprint(model, list(layers)),
-            "config": {k: config[k] for k in SCALING_KEYS}}
+    try:
+        fingerprint = base_fingerprint(model, list(layers))
+    except ValueError as e:
+        raise ValueError(f"save_adapter: {e}") from None
+    ours = {"base_fingerprint": fingerprint, "config": {k: config[k] for k in SCALING_KEYS}}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(ours)}
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    config_text = json.dumps(config, indent=2) + "\n"
+
+    def write_files(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(config_text)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _recover(folder)
+    _write_folder(folder, write_files)
     return folder
 
 
-def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, tensors, the weights file's header metadata) from an adapter folder."""
+def _adapter_folder(path: Path) -> Path:
+    """The adapter folder ``path`` names: the folder itself, or one of its two files."""
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
             raise ValueError(f"load_adapter: {path} is a pickle file; loracore reads only safetensors, "
                              f"because unpickling can run arbitrary code. Convert it with "
                              f"safetensors.torch.save_file in a process you trust")
-        path = path.parent
+        if path.name not in (WEIGHTS_NAME, CONFIG_NAME):
+            raise ValueError(f"load_adapter: {path} is a file, not an adapter folder; pass the folder "
+                             f"that holds {WEIGHTS_NAME} and {CONFIG_NAME} (loracore reads only "
+                             f"those two names, never another file from the folder)")
+        return path.parent
+    if not path.exists():
+        _recover(path)  # an interrupted save may have left the adapter in a hidden sibling
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_adapter: no adapter folder at {path}")
+    return path
+
+
+def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors, the weights file's header metadata) from an adapter folder."""
     weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
     if not weights.exists():
         pickles = [p.name for p in map(path.joinpath, PICKLE_NAMES) if p.exists()]
@@ -209,12 +333,19 @@ def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, st
     if not config_file.exists():
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"load_adapter: {config_file} is not valid JSON ({e})") from None
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata() or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {config_file} holds a JSON {type(config).__name__}, not an "
+                         f"object with keys such as r and lora_alpha")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a truncated/foreign file
+        raise ValueError(f"load_adapter: {weights} is not a readable safetensors file ({e}); it is "
+                         f"truncated or in another format. Save the adapter again") from None
     return config, tensors, metadata
 
 
@@ -240,7 +371,12 @@ def _loracore_record(config: dict, metadata: dict[str, str], path: Path) -> tupl
     return ours, []
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_config(config: dict, path: Path) -> None:
+    where = path / CONFIG_NAME
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: {path} is a {config.get('peft_type')} adapter; only LORA is supported")
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
@@ -250,6 +386,20 @@ def _check_config(config: dict, path: Path) -> None:
     if config.get("modules_to_save"):
         raise ValueError(f"load_adapter: {path} also stores full copies of {config['modules_to_save']} "
                          f"(modules_to_save), which loracore does not support")
+    for key in ("r", "lora_alpha"):
+        if key in config and not _is_number(config[key]):
+            raise ValueError(f"load_adapter: {where}: {key} must be a finite number, got {config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
+            raise ValueError(f"load_adapter: {where}: {key} must map module names to numbers, "
+                             f"got {pattern!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"load_adapter: {where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"load_adapter: {where}: use_rslora must be true or false, "
+                         f"got {config['use_rslora']!r}")
 
 
 def _pattern_value(pattern: dict, name: str, default: float) -> float:
@@ -270,39 +420,60 @@ def _refuse_or_warn(problems: list[str], headline: str, advice: str, strict: boo
     warnings.warn(msg, stacklevel=3)
 
 
+def _pairs(tensors: dict[str, torch.Tensor], weights: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Module name -> {"lora_A": (r, in), "lora_B": (out, r)}, from keys like
+    ``base_model.model.<name>.lora_A.weight``, each tensor checked."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise ValueError(f"load_adapter: {weights} has tensor {key!r}, which is not a "
+                             f"LoRA A/B weight; loracore loads plain LoRA adapters only")
+        name, what = m.groups()
+        if what in pairs.get(name, {}):
+            raise ValueError(f"load_adapter: {weights} has two {what} tensors for module {name!r}")
+        if tensor.dim() != 2 or 0 in tensor.shape or not tensor.is_floating_point():
+            raise ValueError(f"load_adapter: module {name!r}: {what} in {weights} has shape "
+                             f"{tuple(tensor.shape)} and dtype {tensor.dtype}; a LoRA weight is a "
+                             f"2-D float matrix with rank r >= 1")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"load_adapter: module {name!r}: {what} in {weights} holds inf or NaN; "
+                             f"the adapter is broken (diverged training?), loading it would break "
+                             f"every output")
+        pairs.setdefault(name, {})[what] = tensor
+    return pairs
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
                  strict: bool = True) -> nn.Module:
     """Load an adapter folder written by loracore or PEFT into ``model`` (in place).
 
-    LoRA layers are injected where the file has weights (added as a new adapter where the
-    layer already has LoRA). ``adapter_name`` defaults to ``"default"``; the loaded adapter
-    becomes the active one. With ``strict=True`` an adapter whose recorded base fingerprint
-    differs from ``model``, or whose config no longer matches its weights file, is refused;
-    ``strict=False`` loads it with a warning.
+    ``path`` is the folder (or one of its two files). LoRA layers are injected where the file
+    has weights (added as a new adapter where the layer already has LoRA). ``adapter_name``
+    defaults to ``"default"``; the loaded adapter becomes the active one. With ``strict=True``
+    an adapter whose recorded base fingerprint differs from ``model``, or whose config no
+    longer matches its weights file, is refused; ``strict=False`` loads it with a warning.
+    All or nothing: everything is checked first, and a failure leaves ``model`` as it was.
     Returns ``model``.
     """
-    path = Path(path)
-    adapter_name = adapter_name or "default"
+    adapter_name = "default" if adapter_name is None else adapter_name
+    check_adapter_args("load_adapter", adapter_name, 1, 1.0)
+    path = _adapter_folder(Path(path))
+    weights = path / WEIGHTS_NAME
     config, tensors, metadata = _read_files(path)
     _check_config(config, path)
     ours, mismatch = _loracore_record(config, metadata, path)
     _refuse_or_warn(mismatch, f"{CONFIG_NAME} in {path} does not match its weights file",
                     "An interrupted save or an edited config: save the adapter again, or pass "
                     "strict=False to load it with the config as it is.", strict)
-
-    # Module name -> (A, B) from keys like base_model.model.<name>.lora_A.weight
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            raise ValueError(f"load_adapter: {path / WEIGHTS_NAME} has tensor {key!r}, which is not a "
-                             f"LoRA A/B weight; loracore loads plain LoRA adapters only")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+    pairs = _pairs(tensors, weights)
+    if not pairs:
+        raise ValueError(f"load_adapter: {weights} holds no LoRA tensors")
 
     modules = dict(model.named_modules())
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"load_adapter: module {name!r} has only {sorted(ab)} in the file")
+            raise ValueError(f"load_adapter: module {name!r} has only {sorted(ab)} in {weights}")
         layer = modules.get(name)
         if layer is None or not hasattr(layer, "in_features"):
             raise ValueError(f"load_adapter: the adapter has weights for module {name!r}, which "
@@ -320,26 +491,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     saved_fp = ours.get("base_fingerprint")
     if saved_fp:
-        _refuse_or_warn(_compare(saved_fp, base_fingerprint(model, list(pairs))),
-                        f"{path} was trained on a different base model",
+        missing = sorted(set(saved_fp.get("targets") or {}) - set(pairs))
+        if missing:
+            raise ValueError(f"load_adapter: {weights} has no tensors for modules {missing}, which "
+                             f"the adapter was saved with: the file is incomplete or was edited. "
+                             f"Save the adapter again")
+        try:
+            current = base_fingerprint(model, list(pairs))
+        except ValueError as e:
+            raise ValueError(f"load_adapter: {e}") from None
+        _refuse_or_warn(_compare(saved_fp, current), f"{path} was trained on a different base model",
                         "An adapter is tied to its exact base. Pass strict=False to load it anyway.",
                         strict)
 
-    # Inject layer groups sharing (r, alpha); each group targets exactly its full names.
+    # Layer groups sharing (r, alpha); each group targets exactly its full names.
     groups: dict[tuple[int, float], list[str]] = {}
     for name, ab in pairs.items():
         r = ab["lora_A"].shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+        if alpha == 0:
+            raise ValueError(f"load_adapter: {path / CONFIG_NAME} gives module {name!r} lora_alpha=0, "
+                             f"which makes its output exactly zero; fix the config")
         groups.setdefault((r, alpha), []).append(name)
-    for (r, alpha), names in groups.items():
-        inject(model, "(" + "|".join(re.escape(n) for n in names) + ")", r, alpha,
-               lora_dropout=config.get("lora_dropout", 0.0) or 0.0, adapter_name=adapter_name,
-               use_rslora=bool(config.get("use_rslora", False)))
-
-    with torch.no_grad():
-        for name, ab in pairs.items():
-            layer = model.get_submodule(name)
-            for what in ("lora_A", "lora_B"):
-                weight = getattr(layer, what)[adapter_name].weight
-                weight.copy_(ab[what].to(weight.device, weight.dtype))
+    with all_or_nothing(model):
+        for (r, alpha), names in groups.items():
+            inject(model, "(" + "|".join(re.escape(n) for n in names) + ")", r, alpha,
+                   lora_dropout=config.get("lora_dropout", 0.0) or 0.0, adapter_name=adapter_name,
+                   use_rslora=bool(config.get("use_rslora", False)))
+        with torch.no_grad():
+            for name, ab in pairs.items():
+                layer = model.get_submodule(name)
+                for what in ("lora_A", "lora_B"):
+                    weight = getattr(layer, what)[adapter_name].weight
+                    weight.copy_(ab[what].to(weight.device, weight.dtype))
     return model

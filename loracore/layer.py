@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = [
     "scaling", "delta_weight", "lora_update", "lora_forward", "LoRALinear",
-    "register_linear_type", "is_linear", "is_float_linear",
+    "register_linear_type", "is_linear", "is_float_linear", "check_adapter_args",
 ]
 
 
@@ -98,6 +98,26 @@ def is_float_linear(module: nn.Module) -> bool:
             and module.weight.is_floating_point())
 
 
+def check_adapter_args(where: str, name: object, r: object, lora_alpha: object,
+                       lora_dropout: object = 0.0) -> None:
+    """Refuse an adapter's arguments with a message naming ``where`` and the fix; used by
+    :meth:`LoRALinear.add_adapter` and, before anything changes, by model-level operations."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{where}: adapter name must be a non-empty string without dots, "
+                         f"got {name!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"{where}: r must be a positive int, got {r!r}")
+    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if (not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool)
+            or not math.isfinite(lora_alpha)):
+        raise ValueError(f"{where}: lora_alpha must be a finite number, got {lora_alpha!r}")
+    if lora_alpha == 0:
+        raise ValueError(f"{where}: lora_alpha=0 makes scaling 0, so the adapter's output and the "
+                         f"gradients of A and B are exactly zero: it could never learn. Use "
+                         f"lora_alpha=r (or 2*r) instead")
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus any number of named low-rank adapters.
 
@@ -114,7 +134,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int | None = None, lora_alpha: float | None = None,
                  *, adapter_name: str = "default", lora_dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
+                 use_rslora: bool = False, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         for attr in ("in_features", "out_features"):
             if not isinstance(getattr(base_layer, attr, None), int):
@@ -133,37 +153,39 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        # The base weight as it was before the first merge, kept while anything is merged so
+        # that unmerge() restores it bit for bit (see merge()).
+        # A non-persistent buffer: it follows .to() but never enters a state_dict.
+        self.register_buffer("_unmerged_weight", None, persistent=False)
         if r is not None:
             self.add_adapter(adapter_name, r, r if lora_alpha is None else lora_alpha,
                              lora_dropout, use_rslora)
 
     # ---- adapters -------------------------------------------------------------------------
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Adapters live on the base layer's device, in its float dtype (float32 when the
-        base stores its weight quantized, e.g. as packed 4-bit integers)."""
+        """Adapters live on the base layer's device, in its float dtype; float32 when the base
+        is bfloat16/float16 (unless ``autocast_adapter_dtype=False``, as in PEFT: small updates
+        to A and B would round away in 8 mantissa bits) or stores its weight quantized."""
         weight = getattr(self.base_layer, "weight", None)
         tensors = [weight] if isinstance(weight, torch.Tensor) else []
         tensors += list(self.base_layer.parameters()) + list(self.base_layer.buffers())
         device = tensors[0].device if tensors else torch.device("cpu")
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            return device, weight.dtype
-        return device, getattr(self.base_layer, "compute_dtype", torch.float32)
+            dtype = weight.dtype
+        else:
+            dtype = getattr(self.base_layer, "compute_dtype", torch.float32)
+        if self.autocast_adapter_dtype and dtype in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        return device, dtype
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:
         """Add adapter ``name`` (A Kaiming-uniform, B zeros) and make it the only active one."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"LoRALinear.add_adapter: adapter name must be a non-empty string "
-                             f"without dots, got {name!r}")
+        check_adapter_args("LoRALinear.add_adapter", name, r, lora_alpha, lora_dropout)
         if name in self.lora_A:
             raise ValueError(f"LoRALinear.add_adapter: adapter {name!r} already exists on this layer "
                              f"(adapters: {list(self.lora_A)}); delete it first or pick another name")
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"LoRALinear.add_adapter: r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear.add_adapter: lora_dropout must be in [0, 1), got {lora_dropout}")
-        if not math.isfinite(lora_alpha):
-            raise ValueError(f"LoRALinear.add_adapter: lora_alpha must be finite, got {lora_alpha}")
         device, dtype = self._adapter_device_dtype()
         lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -213,9 +235,12 @@ class LoRALinear(nn.Module):
         return bool(self.merged_adapters)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW of adapter ``name``: ``scaling · B @ A``, shape ``(out_features, in_features)``."""
+        """ΔW of adapter ``name``: ``scaling · B @ A``, shape ``(out_features, in_features)``,
+        computed in float32 at least (a bfloat16 product would round B @ A to 8 bits)."""
         self._check_names([name], "get_delta_weight")
-        return delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return delta_weight(A.to(dtype), B.to(dtype), self.scaling[name])
 
     def _base_weight(self, what: str) -> torch.Tensor:
         if not is_float_linear(self.base_layer):
@@ -224,50 +249,78 @@ class LoRALinear(nn.Module):
                             f"to it in place. Dequantize the base first, or keep the adapter unmerged")
         return self.base_layer.weight
 
+    def _merged_weight(self, original: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``original + ΔW_1 + ΔW_2 ...``, added in order in (at least) float32, rounded once
+        to the base dtype. A function of (original, names) only, so merging the same adapters
+        onto the same original always gives the same bits (what rollback and
+        :meth:`disable_adapters` rely on). In float32 it is PEFT's ``weight += ΔW`` exactly."""
+        merged = original.to(torch.promote_types(original.dtype, torch.float32))
+        for name in names:
+            merged = merged + self.get_delta_weight(name).to(merged.dtype)
+        return merged.to(original.dtype)
+
     @torch.no_grad()
     def merge(self, names: list[str] | str | None = None, safe: bool = True) -> None:
         """Add ``ΔW`` of ``names`` (default: the active adapters) into the base weight.
 
-        After merging, the forward pass is one plain matmul: no added latency. With
-        ``safe=True`` the sum is computed on a copy and refused if it holds inf or NaN.
-        Merging an adapter that is already merged is an error, never a second add.
+        After merging, the forward pass is one plain matmul: no added latency. The merged
+        weight is computed on a copy; with ``safe=True`` it is refused if it holds inf or NaN
+        (``safe=False`` skips that check, as in PEFT). Merging an adapter that is already merged is
+        an error, never a second add. Either every name is merged or none is.
+
+        Memory: while anything is merged the layer keeps a copy of the original base weight
+        (``out_features x in_features`` in the base dtype), so :meth:`unmerge` restores it bit
+        for bit in bfloat16 as in float32 (subtracting ΔW again would round differently).
+        A layer cannot see whether its weight is tied to another module's (a tied output head);
+        :func:`loracore.surgery.merge_adapters` checks that and refuses.
         """
         names = list(self.active_adapters) if names is None else (
             [names] if isinstance(names, str) else list(names))
         self._check_names(names, "merge")
         weight = self._base_weight("merge")
-        twice = [n for n in names if n in self.merged_adapters]
+        twice = [n for n in names if n in self.merged_adapters] + [
+            n for i, n in enumerate(names) if n in names[:i]]
         if twice:
             raise RuntimeError(f"LoRALinear.merge: adapter(s) {twice} already merged into this layer; "
                                f"merging again would add ΔW twice. Call unmerge() first")
-        for name in names:
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe:
-                new = weight.clone() + delta
-                if not torch.isfinite(new).all():
-                    raise ValueError(f"LoRALinear.merge: merging adapter {name!r} gives non-finite "
-                                     f"weights (inf/NaN); the base weight was left unchanged")
-                weight.copy_(new)
-            else:
-                weight.add_(delta)
-            self.merged_adapters.append(name)
+        if not names:
+            return
+        original = weight.detach().clone() if self._unmerged_weight is None else self._unmerged_weight
+        new = self._merged_weight(original, self.merged_adapters + names)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"LoRALinear.merge: merging adapter(s) {names} gives non-finite "
+                             f"weights (inf/NaN); the base weight was left unchanged")
+        weight.copy_(new)
+        self._unmerged_weight = original
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged ``ΔW`` from the base weight again (no-op when nothing is merged)."""
+        """Put back the base weight as it was before the first merge, bit for bit (no-op when
+        nothing is merged)."""
         if not self.merged:
             return
-        weight = self._base_weight("unmerge")
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.sub_(self.get_delta_weight(name).to(weight.dtype))
+        self._base_weight("unmerge").copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters.clear()
+
+    @torch.no_grad()
+    def _restore_merge_state(self, merged: list[str], original: torch.Tensor | None) -> None:
+        """Set the merged adapters back to ``merged`` (with the original weight ``original``),
+        bit for bit: used to roll back a model-level operation that failed half-way."""
+        if merged:
+            self.base_layer.weight.copy_(self._merged_weight(original, merged))
+        elif self._unmerged_weight is not None:
+            self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = original
+        self.merged_adapters[:] = merged
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Inside the block the layer is the base layer: ``forward`` returns ``base_layer(x)``.
 
-        Bit for bit when nothing is merged; merged adapters are unmerged on entry and merged
-        back on exit (float rounding applies to that round trip)."""
+        Bit for bit, also when adapters are merged: they are unmerged on entry (the original
+        weight comes back exactly) and merged back on exit (the same bits as before)."""
         merged = list(self.merged_adapters)
         self.unmerge()
         was_disabled, self.disabled = self.disabled, True
@@ -281,7 +334,11 @@ class LoRALinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_features)`` -> ``(..., out_features)``:
-        ``base(x) + Σ_active, unmerged scaling · B(A(dropout(x)))``."""
+        ``base(x) + Σ_active, unmerged scaling · B(A(dropout(x)))``. ``x`` is cast to the
+        adapter's dtype on the adapter path and the update back to the output's dtype."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"LoRALinear.forward: input of shape {tuple(x.shape)} does not end in "
+                             f"in_features={self.in_features}; pass (..., {self.in_features})")
         result = self.base_layer(x)
         if self.disabled:
             return result

@@ -4,6 +4,11 @@
 :class:`~loracore.layer.LoRALinear` in place; the other functions act on every LoRA layer of
 the model at once (activate, disable, merge, unmerge, delete an adapter, unwrap everything).
 The layer itself, and the math, live in :mod:`loracore.layer`.
+
+Every operation here is all-or-nothing: it checks all its arguments and targets before it
+changes anything, and runs inside :func:`all_or_nothing`, which puts the model back exactly as
+it was (same modules in the same places, same ``requires_grad`` flags, same weights bit for
+bit, same active and merged adapters) if something still fails half-way.
 """
 
 from __future__ import annotations
@@ -14,12 +19,60 @@ from typing import Iterator
 
 from torch import nn
 
-from loracore.layer import LoRALinear, is_linear
+from loracore.layer import LoRALinear, check_adapter_args, is_float_linear, is_linear
 
 __all__ = [
     "inject", "lora_layers", "linear_layer_names", "trainable_parameters", "set_adapter",
     "disable_adapters", "merge_adapters", "unmerge_adapters", "delete_adapter", "remove_lora",
+    "all_or_nothing",
 ]
+
+
+# ---- all-or-nothing -----------------------------------------------------------------------
+class _Snapshot:
+    """What a model operation may change, held by reference (no weight is copied): each
+    module's children, each parameter's ``requires_grad``, each LoRA layer's adapter
+    bookkeeping and merge state, and the ``requires_grad`` record :func:`inject` keeps.
+    Merged weights are restored exactly because a merged weight is a pure function of the
+    original weight the layer keeps and of the merged adapters' names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        modules = list(model.modules())
+        self.children = [(m, dict(m._modules)) for m in modules]
+        self.flags = [(p, p.requires_grad) for m in modules for p in m._parameters.values()
+                      if p is not None]
+        self.layers = [(m, {k: dict(getattr(m, k)) for k in ("r", "lora_alpha", "scaling", "use_rslora")},
+                        list(m.active_adapters), list(m.merged_adapters), m.disabled, m._unmerged_weight)
+                       for m in modules if isinstance(m, LoRALinear)]
+        self.record = model.__dict__.get("_loracore_requires_grad")
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for layer, dicts, active, merged, disabled, original in self.layers:
+            for key, value in dicts.items():
+                setattr(layer, key, value)
+            layer.active_adapters, layer.disabled = active, disabled
+            layer._restore_merge_state(merged, original)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.__dict__.pop("_loracore_requires_grad", None)
+        if self.record is not None:
+            self.model._loracore_requires_grad = self.record
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Run the block as one step on ``model``: if it raises (anything, KeyboardInterrupt
+    included), the model is put back exactly as it was on entry, then the error propagates."""
+    snapshot = _Snapshot(model)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -51,6 +104,34 @@ def _inside_lora(name: str, model: nn.Module) -> bool:
     return False
 
 
+def _check_targets(target_modules: object) -> list[str] | str:
+    """``target_modules`` as inject() reads it, or a clear error naming the fix."""
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError('inject: target_modules is an empty string; pass layer names such as '
+                             '["q_proj", "v_proj"], "all-linear", or a regex over full names')
+        if target_modules != "all-linear":
+            try:
+                re.compile(target_modules)
+            except re.error as e:
+                raise ValueError(f"inject: target_modules {target_modules!r} is not a valid regular "
+                                 f"expression ({e}). A single string is a regex over full module "
+                                 f"names; for layer names pass a list such as ['q_proj']") from None
+        return target_modules
+    if not isinstance(target_modules, (list, tuple, set)):
+        raise TypeError(f"inject: target_modules must be a list of layer names such as "
+                        f'["q_proj", "v_proj"], "all-linear", or a regex string; got '
+                        f"{type(target_modules).__name__} {target_modules!r}")
+    if not target_modules:
+        raise ValueError("inject: target_modules is empty; pass layer names such as "
+                         '["q_proj", "v_proj"] or "all-linear"')
+    bad = [t for t in target_modules if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"inject: every entry of target_modules must be a non-empty layer name "
+                        f"string; got {bad}")
+    return list(target_modules)
+
+
 def _matches(name: str, target_modules: list[str] | str) -> bool:
     if isinstance(target_modules, str):  # as in PEFT: one string is a regex over the full name
         return re.fullmatch(target_modules, name) is not None
@@ -66,35 +147,44 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
     (``["q_proj", "v_proj"]``), ``"all-linear"`` (every linear layer except the output head),
     or one regex string matched against full names. Every base parameter is frozen; only the
     new adapter's parameters are trainable. A layer that is already a ``LoRALinear`` gets
-    the new adapter added. Returns ``model``.
+    the new adapter added. All or nothing: a refusal leaves the model as it was. Returns ``model``.
     """
-    if isinstance(target_modules, (list, tuple, set)) and not target_modules:
-        raise ValueError("inject: target_modules is empty")
+    target_modules = _check_targets(target_modules)
+    check_adapter_args("inject", adapter_name, r, lora_alpha, lora_dropout)
     candidates = linear_layer_names(model)
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         chosen = [n for n in candidates if n not in heads]
     else:
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
         chosen = [n for n in candidates if _matches(n, target_modules)]
     if not chosen:
+        hint = ""
+        if isinstance(target_modules, str) and re.fullmatch(r"\w+", target_modules):
+            hint = (f" A single string is read as a regex over full module names (as in PEFT); "
+                    f"to match every layer named {target_modules!r}, pass a list: "
+                    f"[{target_modules!r}].")
         raise ValueError(f"inject: target_modules {target_modules!r} match no linear layer of "
-                         f"{type(model).__name__}. Its linear layers are: "
+                         f"{type(model).__name__}.{hint} Its linear layers are: "
                          f"{sorted({n.split('.')[-1] for n in candidates})} (full names like "
                          f"{candidates[:3]})")
-    if not hasattr(model, "_loracore_requires_grad"):  # remembered so remove_lora can restore it
-        model._loracore_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in chosen:
-        module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
-        else:
-            _replace(model, name, LoRALinear(module, r, lora_alpha, adapter_name=adapter_name,
-                                             lora_dropout=lora_dropout, use_rslora=use_rslora))
-    set_adapter(model, adapter_name)
+    taken = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)
+             and adapter_name in model.get_submodule(n).lora_A]
+    if taken:
+        raise ValueError(f"inject: modules {taken} already have an adapter named {adapter_name!r}; "
+                         f"pass another adapter_name, or delete_adapter(model, {adapter_name!r}) first")
+    with all_or_nothing(model):
+        if not hasattr(model, "_loracore_requires_grad"):  # so remove_lora can restore it
+            model._loracore_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in chosen:
+            module = model.get_submodule(name)
+            if isinstance(module, LoRALinear):
+                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+            else:
+                _replace(model, name, LoRALinear(module, r, lora_alpha, adapter_name=adapter_name,
+                                                 lora_dropout=lora_dropout, use_rslora=use_rslora))
+        set_adapter(model, adapter_name)
     return model
 
 
@@ -116,68 +206,136 @@ def _layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
     return layers
 
 
+def _names(names: object, what: str) -> list[str]:
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what}: adapter names must be a string or a list of strings, got {names!r}")
+    return list(names)
+
+
+def _check_known(layers: dict[str, LoRALinear], names: list[str], what: str) -> None:
+    known = {n for layer in layers.values() for n in layer.lora_A}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise KeyError(f"{what}: no adapter named {missing} in the model (adapters: {sorted(known)})")
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
-    """``(trainable, total, percent)`` parameter counts of ``model``."""
+    """``(trainable, total, percent)`` parameter counts of ``model``.
+
+    A quantized linear layer (e.g. ``Linear4bit``) keeps its weight in buffers of packed
+    codes; it counts as its ``out_features * in_features`` logical weights, as PEFT counts it."""
     total = sum(p.numel() for p in model.parameters())
+    total += sum(m.out_features * m.in_features for m in model.modules()
+                 if is_linear(m) and not is_float_linear(m)
+                 and not isinstance(m._parameters.get("weight"), nn.Parameter))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total, 100.0 * trainable / total if total else 0.0
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Activate adapter(s) ``names`` on every LoRA layer that has them (others: none active)."""
-    names = [names] if isinstance(names, str) else list(names)
+    names = _names(names, "set_adapter")
     layers = _layers(model, "set_adapter")
-    known = {n for layer in layers.values() for n in layer.lora_A}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise KeyError(f"set_adapter: no adapter named {missing} in the model (adapters: {sorted(known)})")
-    for layer in layers.values():
-        layer.set_adapter([n for n in names if n in layer.lora_A])
+    _check_known(layers, names, "set_adapter")
+    with all_or_nothing(model):
+        for layer in layers.values():
+            layer.set_adapter([n for n in names if n in layer.lora_A])
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base model inside the block (see :meth:`LoRALinear.disable_adapters`)."""
+    """Run ``model`` as its base model inside the block (see :meth:`LoRALinear.disable_adapters`):
+    bit for bit, merged adapters included, and merged back exactly on exit."""
     with ExitStack() as stack:
         for layer in _layers(model, "disable_adapters").values():
             stack.enter_context(layer.disable_adapters())
         yield
 
 
+def _tied_weights(model: nn.Module, layer_name: str, layer: LoRALinear) -> list[str]:
+    """Names of the other parameters that hold the same memory as ``layer``'s base weight."""
+    mine = layer.base_layer.weight.data_ptr()
+    own = f"{layer_name}.base_layer.weight"
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if n != own and p.numel() and p.data_ptr() == mine]
+
+
 def merge_adapters(model: nn.Module, names: list[str] | str | None = None) -> None:
-    """Merge ``names`` (default: the active adapters) into every LoRA layer's base weight."""
-    for layer in _layers(model, "merge_adapters").values():
-        wanted = layer.active_adapters if names is None else (
-            [names] if isinstance(names, str) else names)
-        layer.merge([n for n in wanted if n in layer.lora_A])
+    """Merge ``names`` (default: the active adapters) into every LoRA layer's base weight.
+
+    Refused, before anything changes: an unknown name, a layer where one of them is already
+    merged, a quantized base, and a base weight tied to another parameter (the output head of a
+    tied-embedding model: merging would change the input embeddings too; keep that adapter
+    unmerged or untie the weights first). All or nothing if a merge still fails (inf/NaN)."""
+    layers = _layers(model, "merge_adapters")
+    if names is not None:
+        names = _names(names, "merge_adapters")
+        _check_known(layers, names, "merge_adapters")
+    plan = {n: [a for a in (layer.active_adapters if names is None else names) if a in layer.lora_A]
+            for n, layer in layers.items()}
+    plan = {n: wanted for n, wanted in plan.items() if wanted}
+    for name, wanted in plan.items():
+        layer = layers[name]
+        if not is_float_linear(layer.base_layer):
+            raise TypeError(f"merge_adapters: module {name!r} has a {type(layer.base_layer).__name__} "
+                            f"base, stored quantized, so ΔW cannot be added to it. Dequantize the "
+                            f"base first, or keep the adapter unmerged")
+        twice = [a for a in wanted if a in layer.merged_adapters]
+        if twice:
+            raise RuntimeError(f"merge_adapters: adapter(s) {twice} already merged into module "
+                               f"{name!r}; call unmerge_adapters(model) first")
+        tied = _tied_weights(model, name, layer)
+        if tied:
+            raise ValueError(f"merge_adapters: the weight of module {name!r} is tied to {tied} (tied "
+                             f"embeddings): merging would change those too. Keep this adapter "
+                             f"unmerged, or untie first: module.base_layer.weight = "
+                             f"nn.Parameter(module.base_layer.weight.clone())")
+    with all_or_nothing(model):
+        for name, wanted in plan.items():
+            try:
+                layers[name].merge(wanted)
+            except (ValueError, RuntimeError) as e:
+                raise type(e)(f"merge_adapters: module {name!r}: {e}; nothing was merged") from e
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Undo every merge in ``model``."""
-    for layer in _layers(model, "unmerge_adapters").values():
-        layer.unmerge()
+    """Undo every merge in ``model``: each base weight comes back bit for bit."""
+    layers = _layers(model, "unmerge_adapters")
+    with all_or_nothing(model):
+        for layer in layers.values():
+            layer.unmerge()
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Delete adapter ``name`` from every LoRA layer that has it."""
-    layers = [layer for layer in _layers(model, "delete_adapter").values() if name in layer.lora_A]
+    """Delete adapter ``name`` from every LoRA layer that has it (refused, before anything
+    changes, if it is merged anywhere)."""
+    if not isinstance(name, str):
+        raise TypeError(f"delete_adapter: the adapter name must be a string, got {name!r}")
+    layers = {n: layer for n, layer in _layers(model, "delete_adapter").items() if name in layer.lora_A}
     if not layers:
-        raise KeyError(f"delete_adapter: no adapter named {name!r} in the model")
-    for layer in layers:
-        layer.delete_adapter(name)
+        _check_known(lora_layers(model), [name], "delete_adapter")
+    merged = [n for n, layer in layers.items() if name in layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"delete_adapter: adapter {name!r} is merged into {merged}; call "
+                           f"unmerge_adapters(model) first")
+    with all_or_nothing(model):
+        for layer in layers.values():
+            layer.delete_adapter(name)
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Unwrap every ``LoRALinear`` back to its base layer (unmerging first), in place.
 
-    What is left is the original model: same modules, same names, base weights restored
-    (exactly, unless something was merged: then within float rounding), and the
-    ``requires_grad`` flags it had before :func:`inject`. Returns ``model``."""
-    for name, layer in lora_layers(model).items():
-        layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    flags = model.__dict__.pop("_loracore_requires_grad", None)
-    if flags is not None:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
+    What is left is the original model: same modules, same names, base weights restored bit
+    for bit (merged or not), and the ``requires_grad`` flags it had before :func:`inject`.
+    Returns ``model``."""
+    with all_or_nothing(model):
+        for name, layer in lora_layers(model).items():
+            layer.unmerge()
+            _replace(model, name, layer.base_layer)
+        flags = model.__dict__.pop("_loracore_requires_grad", None)
+        if flags is not None:
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
     return model

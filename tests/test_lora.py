@@ -16,6 +16,7 @@ from torch import nn
 from loracore.lora import (LoRALinear, delete_adapter, disable_adapters, inject, is_linear,
                            linear_layer_names, lora_layers, merge_adapters, register_linear_type,
                            remove_lora, set_adapter, trainable_parameters, unmerge_adapters)
+from loracore.layer import lora_update
 from loracore.train import loraplus_param_groups
 
 
@@ -223,8 +224,26 @@ def test_gradients_reach_only_the_adapter(layer, x):
     assert layer.lora_A["default"].weight.grad.abs().sum() == 0
 
 
-def test_adapter_follows_base_dtype():
-    layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, lora_alpha=4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_on_a_low_precision_base_is_float32(dtype):
+    """As PEFT's autocast_adapter_dtype: A and B in float32, the output in the base's dtype."""
+    layer = LoRALinear(nn.Linear(8, 8).to(dtype), r=2, lora_alpha=4)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_B["default"].weight.dtype == torch.float32
+    randomize_B(layer)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    base = layer.base_layer(x)
+    update = lora_update(x.float(), layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                         layer.scaling["default"])
+    assert torch.equal(out, base + update.to(dtype))
+    assert layer.get_delta_weight("default").dtype == torch.float32
+
+
+def test_adapter_follows_base_dtype_when_asked():
+    layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, lora_alpha=4,
+                       autocast_adapter_dtype=False)
     assert layer.lora_A["default"].weight.dtype == torch.bfloat16
     out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
@@ -469,3 +488,78 @@ def test_one_idea_per_module_and_no_import_circle():
             tree = ast.parse(path.read_text())
             used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
             assert "loracore.lora" not in used, f"{path.name} imports the facade loracore.lora"
+
+
+# ---- exact merge / unmerge in low precision (issue 16) --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_five_merge_unmerge_cycles_restore_a_small_layer_bit_for_bit(dtype, x):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12).to(dtype), r=4, lora_alpha=8)
+    randomize_B(layer)
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.float32
+    for _ in range(5):
+        layer.merge()
+        # the merged weight is rounded once from the float32 sum (not ΔW rounded, then added)
+        assert torch.equal(layer.base_layer.weight, (w0.float() + delta).to(dtype))
+        with layer.disable_adapters():  # the base, exactly, even though it was merged
+            assert torch.equal(layer.base_layer.weight, w0)
+            assert torch.equal(layer(x.to(dtype)), layer.base_layer(x.to(dtype)))
+        assert torch.equal(layer.base_layer.weight, (w0.float() + delta).to(dtype))
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, w0)
+    assert layer._unmerged_weight is None  # the copy is dropped once nothing is merged
+
+
+def test_subtracting_delta_again_would_not_restore_bfloat16():
+    """Why the original weight is kept: W + ΔW - ΔW is not W once rounded to bfloat16."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64).to(torch.bfloat16), r=4, lora_alpha=8)
+    randomize_B(layer)
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.get_delta_weight("default").to(torch.bfloat16)
+    assert not torch.equal((w0 + delta) - delta, w0)
+    layer.merge()
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_five_cycles_on_tiny_qwen2_in_bfloat16_restore_every_weight(ids):
+    model = tiny_qwen2().to(torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    inject(model, "all-linear", r=4, lora_alpha=8)
+    inject(model, ["q_proj", "v_proj"], r=2, lora_alpha=4, adapter_name="two")
+    randomize_B(model)
+    assert all(lin.weight.dtype == torch.float32 for layer in lora_layers(model).values()
+               for lin in layer.lora_A.values())
+    set_adapter(model, ["default", "two"])
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        for _ in range(5):
+            merge_adapters(model)
+            assert not torch.equal(lora_layers(model)["model.layers.0.mlp.up_proj"].base_layer.weight,
+                                   original["model.layers.0.mlp.up_proj.weight"])
+            with disable_adapters(model):
+                base_logits = model(ids).logits
+            unmerge_adapters(model)
+            assert torch.equal(model(ids).logits, unmerged)
+        remove_lora(model)
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], original[k]) for k in original)
+        assert torch.equal(model(ids).logits, base_logits)
+
+
+def test_trainable_parameters_count_a_4bit_base_as_its_logical_weights():
+    """As PEFT: a 4-bit layer's out*in weights count in the total (not its packed bytes)."""
+    from loracore.qlora import quantize_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32, bias=False))
+    float_total = sum(p.numel() for p in model.parameters())
+    quantize_model(model, skip=())
+    assert trainable_parameters(model)[1] == float_total
+    inject(model, ["0", "2"], r=4, lora_alpha=8)
+    adapter = 4 * (64 + 128) + 4 * (128 + 32)
+    trainable, total, pct = trainable_parameters(model)
+    assert (trainable, total) == (adapter, float_total + adapter)
+    assert pct == pytest.approx(100 * adapter / (float_total + adapter))
