@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loracore.data import IGNORE_INDEX, collate, pad_token_id, prompt_text
+from loracore.data import IGNORE_INDEX, check_batch, collate, pad_token_id, prompt_text
 from loracore.train import causal_lm_loss
 
 Matcher = Callable[[str, str], bool]
@@ -181,7 +181,8 @@ def answer_loss(model: nn.Module, batches: Any) -> float:
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        check_batch(batch, f"answer_loss: batch {i}")
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += causal_lm_loss(logits, batch["labels"], reduction="sum").item()
