@@ -120,7 +120,7 @@ def load_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Dataset:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # so the column counts within the line
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
             except RecursionError:
