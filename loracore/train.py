@@ -69,10 +69,8 @@ def _check_real(value: Any, name: str, where: str, *, positive: bool) -> None:
                          f"got {value!r}")
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_steps: int = 0,
-                kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 over ``warmup_steps``, then ``"cosine"`` or ``"linear"`` decay
-    to 0 at ``num_steps``, or ``"constant"``. Multiplies each parameter group's own lr."""
+def _check_schedule(num_steps: Any, warmup_steps: Any, kind: Any) -> None:
+    """What :func:`lr_schedule` needs (also checked by :func:`train` before it starts)."""
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"lr_schedule: kind must be 'cosine', 'linear' or 'constant', got {kind!r}")
     _check_int(num_steps, "num_steps", "lr_schedule", minimum=1)
@@ -80,6 +78,13 @@ def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_step
     if not 0 <= warmup_steps <= num_steps:
         raise ValueError(f"lr_schedule: need 0 <= warmup_steps <= num_steps, got "
                          f"{warmup_steps} and {num_steps}")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_steps: int = 0,
+                kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then ``"cosine"`` or ``"linear"`` decay
+    to 0 at ``num_steps``, or ``"constant"``. Multiplies each parameter group's own lr."""
+    _check_schedule(num_steps, warmup_steps, kind)
 
     def factor(step: int) -> float:  # ``step`` optimizer steps have been taken
         if step < warmup_steps:
@@ -221,9 +226,7 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("train: the model has no trainable parameters (did you inject LoRA?)")
-    # Checked here, before the model or the RNG is touched.
-    lr_check_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    lr_schedule(lr_check_opt, num_steps=num_steps, warmup_steps=warmup_steps, kind=schedule)
+    _check_schedule(num_steps, warmup_steps, schedule)  # before the model or the RNG is touched
     torch.manual_seed(seed)
     if optimizer is None:
         if loraplus_lr_ratio is not None:
@@ -248,7 +251,8 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
             for i in range(grad_accum_steps):
                 batch = next(data)
                 check_batch(batch, f"train: step {step}, micro-batch {i}")
-                micro.append({k: v.to(device) for k, v in batch.items()})
+                micro.append({k: v.to(device) for k, v in batch.items()
+                              if isinstance(v, torch.Tensor)})
             counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
             total = sum(counts)
             if total == 0:

@@ -27,7 +27,7 @@ from loracore.data import (
     make_dataloader,
     pad_token_id,
 )
-from loracore.evaluate import answer_loss
+from loracore.evaluate import answer_loss, generate_answers
 from loracore.models import load_base_model
 from loracore.nf4 import (
     NF4Tensor,
@@ -449,6 +449,15 @@ def test_a_bad_batch_is_named_by_train_and_answer_loss(base, tokenized, change, 
     assert_unchanged(model, before)  # the first micro-batch is checked before any update
     with pytest.raises(DataError, match=r"answer_loss: batch 0: " + message):
         answer_loss(model, [batch])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "generate_ids: batch_size must be a positive integer, got 0"),
+    ({"max_new_tokens": 2.0}, "generate_ids: max_new_tokens must be a positive integer, got 2.0"),
+])
+def test_generation_refuses_zero_batch_size_and_float_token_counts(base, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        generate_answers(base[0], base[1], [[{"role": "user", "content": "hi"}]], **kwargs)
 
 
 def test_a_batch_that_is_not_a_dict(base):
