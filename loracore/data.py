@@ -192,6 +192,7 @@ def tokenize_chat(dataset: Dataset, tokenizer: Any, *, max_length: int = 64,
     """
     if on_too_long not in ("error", "skip"):
         raise ValueError(f"tokenize_chat: on_too_long must be 'error' or 'skip', got {on_too_long!r}")
+    _check_count(max_length, "max_length", "tokenize_chat")
     if len(dataset) == 0:
         raise DataError("tokenize_chat: the dataset is empty")
     sources = dataset["source"] if "source" in dataset.column_names else \

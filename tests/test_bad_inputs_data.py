@@ -413,6 +413,13 @@ def test_make_dataloader_refuses_a_batch_size_that_is_not_a_positive_int(base, t
         make_dataloader(tokenized, base[1], batch_size=batch_size)
 
 
+@pytest.mark.parametrize("max_length", [0, 64.0])
+def test_tokenize_chat_refuses_a_max_length_that_is_not_a_positive_int(base, good_file, max_length):
+    with pytest.raises(DataError, match=rf"tokenize_chat: max_length must be a positive integer, "
+                                        rf"got {max_length!r}"):
+        load_sft_dataset(good_file, base[1], max_length=max_length)
+
+
 def test_collate_names_a_missing_key():
     with pytest.raises(DataError, match=r"collate: example 1 has no \['labels'\]"):
         collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2]}], pad_id=0)
