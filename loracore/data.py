@@ -63,6 +63,30 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _check_count(value: Any, name: str, where: str) -> None:
+    """``value`` must be a positive int (a bool, a float or 0 is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def _unencodable(obj: Any, path: str = "") -> str | None:
+    """The JSON path of the first string in ``obj`` that UTF-8 cannot encode (a lone
+    surrogate such as ``"\\ud800"``, valid JSON but not text), else None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path or 'the value'} (character {exc.start}: {obj[exc.start]!r})"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _unencodable(key, f"{path}[key]") if isinstance(key, str) else None
+        found = found or _unencodable(value, f"{path}[{key!r}]")
+        if found:
+            return found
+    return None
+
+
 def load_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Dataset:
     """Read a chat-format JSONL file into a ``datasets.Dataset``, checking every line.
 
@@ -70,29 +94,48 @@ def load_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Dataset:
     the assistant's answer. Returns a dataset with the columns ``messages`` and ``source``
     (``"file.jsonl:LINE"``, so any later report can point back at the line).
 
-    ``limit`` keeps only the first ``limit`` examples (for short runs and data-size sweeps).
-    Raises :class:`DataError` naming the file and line for a missing file, invalid JSON, a
-    missing field, or an empty file.
+    ``limit`` keeps only the first ``limit`` examples (for short runs and data-size sweeps);
+    it must be a positive integer (or None for all). Raises :class:`DataError` naming the
+    file and line for a missing file, bytes that are not UTF-8, invalid JSON, a lone
+    surrogate escape, a missing field, or an empty file. A UTF-8 byte-order mark on the
+    first line is accepted.
     """
+    if limit is not None:
+        _check_count(limit, "limit", "load_chat_jsonl")
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"load_chat_jsonl: {path} is a folder; pass the .jsonl file inside it")
     if not path.is_file():
         raise DataError(f"load_chat_jsonl: no such file: {path}")
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:  # bytes, so a decoding error can be pinned to its line
+        for line_no, raw in enumerate(f, start=1):
             where = f"{path.name}:{line_no}"
             try:
-                obj = json.loads(line)
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {exc.start} of the line is "
+                                f"{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8 "
+                                f"({path})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))  # so the column counts within the line
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
             if "messages" not in obj:
                 raise DataError(f"{where}: missing the field 'messages' (found fields: "
                                 f"{sorted(obj)}); see data/README.md for the format")
-            rows.append({"messages": _check_messages(obj["messages"], where), "source": where})
+            messages = _check_messages(obj["messages"], where)
+            bad = _unencodable(messages, "messages")
+            if bad:
+                raise DataError(f"{where}: {bad} holds a lone surrogate escape (like \\ud800), "
+                                f"which is not text and cannot be tokenized; fix that line")
+            rows.append({"messages": messages, "source": where})
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
@@ -149,6 +192,7 @@ def tokenize_chat(dataset: Dataset, tokenizer: Any, *, max_length: int = 64,
     """
     if on_too_long not in ("error", "skip"):
         raise ValueError(f"tokenize_chat: on_too_long must be 'error' or 'skip', got {on_too_long!r}")
+    _check_count(max_length, "max_length", "tokenize_chat")
     if len(dataset) == 0:
         raise DataError("tokenize_chat: the dataset is empty")
     sources = dataset["source"] if "source" in dataset.column_names else \
@@ -210,6 +254,11 @@ def collate(examples: Iterable[dict[str, Any]], pad_id: int,
     examples = list(examples)
     if not examples:
         raise DataError("collate: got an empty list of examples")
+    for i, ex in enumerate(examples):
+        missing = [k for k in ("input_ids", "labels") if not hasattr(ex, "keys") or k not in ex]
+        if missing:
+            raise DataError(f"collate: example {i} has no {missing}; each example needs "
+                            f"'input_ids' and 'labels' lists (run tokenize_chat first)")
     seq = max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), seq), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), seq), IGNORE_INDEX, dtype=torch.long)
@@ -229,6 +278,7 @@ def make_dataloader(dataset: Dataset, tokenizer: Any, *, batch_size: int = 8,
                     shuffle: bool = True, seed: int = 0) -> DataLoader:
     """Batches of :func:`collate` over a tokenized dataset, shuffled by a seeded generator
     (the same seed gives the same batches in the same order, epoch after epoch)."""
+    _check_count(batch_size, "batch_size", "make_dataloader")
     if len(dataset) == 0:
         raise DataError("make_dataloader: the dataset is empty")
     if "input_ids" not in dataset.column_names:
@@ -237,3 +287,33 @@ def make_dataloader(dataset: Dataset, tokenizer: Any, *, batch_size: int = 8,
     return DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size,
                       shuffle=shuffle, generator=generator,
                       collate_fn=partial(collate, pad_id=pad_token_id(tokenizer)))
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def check_batch(batch: Any, where: str) -> None:
+    """Raise :class:`DataError` (prefixed by ``where``) unless ``batch`` is a dict holding
+    ``input_ids``, ``attention_mask`` and ``labels``: integer tensors of one ``(batch, seq)``
+    shape, as :func:`collate` makes them."""
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: a batch must be a dict with {list(BATCH_KEYS)}, got "
+                        f"{type(batch).__name__}")
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        hint = (" (the 1s over real tokens: torch.ones_like(input_ids) without padding)"
+                if missing == ["attention_mask"] else "")
+        raise DataError(f"{where}: the batch has no {', '.join(repr(k) for k in missing)}{hint}; "
+                        f"it has {sorted(batch)}. make_dataloader/collate build all three")
+    shape = None
+    for key in BATCH_KEYS:
+        t = batch[key]
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() \
+                or t.is_complex():
+            raise DataError(f"{where}: batch[{key!r}] must be a 2-D integer tensor (batch, seq), "
+                            f"got {getattr(t, 'dtype', type(t).__name__)} of shape "
+                            f"{tuple(getattr(t, 'shape', ()))}")
+        if shape is not None and t.shape != shape:
+            raise DataError(f"{where}: batch[{key!r}] has shape {tuple(t.shape)} but input_ids "
+                            f"has {tuple(shape)}")
+        shape = t.shape

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loracore.data import IGNORE_INDEX, collate, pad_token_id, prompt_text
+from loracore.data import (IGNORE_INDEX, _check_count, check_batch, collate, pad_token_id,
+                           prompt_text)
 from loracore.train import causal_lm_loss
 
 Matcher = Callable[[str, str], bool]
@@ -118,6 +119,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, conversations: Sequence[Seque
     the next token of every row is generated at the same step. The model reads the attention
     mask (and derives positions from it), so a padded row gives the same reply as alone.
     """
+    _check_count(batch_size, "batch_size", "generate_ids")
+    _check_count(max_new_tokens, "max_new_tokens", "generate_ids")
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     eos = model.generation_config.eos_token_id
@@ -181,8 +184,9 @@ def answer_loss(model: nn.Module, batches: Any) -> float:
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for i, batch in enumerate(batches):
+        check_batch(batch, f"answer_loss: batch {i}")
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += causal_lm_loss(logits, batch["labels"], reduction="sum").item()
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -249,6 +249,71 @@ class NF4Tensor:
         tensor (and the padding of a partial last block)."""
         return 8 * self.nbytes / self.numel
 
+    def validate(self, where: str = "NF4Tensor", *, check_values: bool = False) -> None:
+        """Raise ``ValueError``/``TypeError`` (prefixed by ``where``) unless every field agrees.
+
+        Checks what decoding relies on, so a tampered or hand-built tensor is refused before
+        any lookup reads out of range: ``shape`` (non-negative ints, not empty), ``dtype``,
+        ``blocksize``, ``packed`` (uint8, ``ceil(numel / 2)`` bytes), ``absmax`` (one per
+        block; float32, or uint8 with double quantization), ``absmax2`` and ``offset``
+        (float32, both present or both absent) and that all live on one device. O(1):
+        metadata only. ``check_values=True`` also reads the float constants (finite).
+        """
+        def bad(msg: str, exc: type = ValueError) -> None:
+            raise exc(f"{where}: inconsistent NF4Tensor: {msg}")
+
+        try:
+            shape = torch.Size(self.shape)
+        except (TypeError, ValueError):
+            bad(f"shape must be a sequence of ints, got {self.shape!r}", TypeError)
+        if any(s < 0 for s in shape) or math.prod(shape) == 0:
+            bad(f"shape {tuple(shape)} holds no values")
+        if self.dtype not in _FLOAT_DTYPES:
+            bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", TypeError)
+        _check_blocksize(self.blocksize, f"{where}: inconsistent NF4Tensor")
+        n = math.prod(shape)
+        for name in ("packed", "absmax"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                bad(f"{name} must be a tensor, got {type(getattr(self, name)).__name__}", TypeError)
+        if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
+            bad(f"packed must be a 1-D uint8 tensor, got {self.packed.dtype} of shape "
+                f"{tuple(self.packed.shape)}")
+        if self.packed.numel() != (n + 1) // 2:
+            bad(f"packed holds {self.packed.numel()} bytes; shape {tuple(shape)} needs "
+                f"ceil({n} / 2) = {(n + 1) // 2}")
+        blocks = -(-n // self.blocksize)
+        if (self.offset is None) != (self.absmax2 is None):
+            bad("offset and absmax2 must be both set (double quantization) or both None")
+        want_dtype = torch.uint8 if self.absmax2 is not None else torch.float32
+        if self.absmax.dtype != want_dtype or self.absmax.dim() != 1:
+            bad(f"absmax must be a 1-D {want_dtype} tensor "
+                f"({'double' if self.absmax2 is not None else 'no double'} quantization), got "
+                f"{self.absmax.dtype} of shape {tuple(self.absmax.shape)}")
+        if self.absmax.numel() != blocks:
+            bad(f"absmax holds {self.absmax.numel()} constants; {n} values in blocks of "
+                f"{self.blocksize} need {blocks}")
+        parts = [self.packed, self.absmax]
+        if self.absmax2 is not None:
+            for name in ("absmax2", "offset"):
+                t = getattr(self, name)
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                    bad(f"{name} must be a float32 tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}", TypeError)
+            want2 = -(-blocks // DQ_BLOCKSIZE)
+            if self.absmax2.shape != (want2,):
+                bad(f"absmax2 has shape {tuple(self.absmax2.shape)}; {blocks} constants in "
+                    f"blocks of {DQ_BLOCKSIZE} need ({want2},)")
+            if self.offset.numel() != 1:
+                bad(f"offset must hold one value, got shape {tuple(self.offset.shape)}")
+            parts += [self.absmax2, self.offset]
+        devices = {t.device for t in parts}
+        if len(devices) > 1:
+            bad(f"its parts are on different devices {sorted(map(str, devices))}; use .to(device)")
+        if check_values:
+            floats = [t for t in parts if t.is_floating_point()]
+            if not all(bool(torch.isfinite(t).all()) for t in floats):
+                bad("its block constants (absmax/absmax2/offset) hold NaN or inf")
+
     def to(self, device: torch.device | str) -> "NF4Tensor":
         """A copy on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -310,8 +375,19 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not double_quant:
         return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
     offset = absmax.mean()
+    if not torch.isfinite(offset):
+        # Every absmax is finite, but their float32 sum overflowed (values near 3.4e38).
+        # bitsandbytes returns NaN constants here; averaging in float64 gives the true mean,
+        # which fits in float32 (a mean never exceeds the largest value). Normal weights never
+        # take this branch, so the bytes stay identical to bitsandbytes' elsewhere.
+        offset = absmax.double().mean().float()
     q_absmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DQ_BLOCKSIZE)
-    return NF4Tensor(packed, q_absmax, w.shape, w.dtype, blocksize, offset, absmax2)
+    q = NF4Tensor(packed, q_absmax, w.shape, w.dtype, blocksize, offset, absmax2)
+    if not torch.isfinite(_absmax_float(q)).all():  # rounding up at the edge of float32
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} has values up to "
+                         f"{absmax.max().item():.3g}, too close to the float32 limit (3.4e38) for "
+                         f"double quantization; pass double_quant=False or rescale the weight")
+    return q
 
 
 def _absmax_float(q: NF4Tensor) -> torch.Tensor:
@@ -326,6 +402,12 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
 
     Returns a tensor of ``q.shape`` in ``dtype`` (default: the original dtype).
     """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize_nf4_reference: expected an NF4Tensor, got {type(q).__name__}")
+    q.validate("dequantize_nf4_reference")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dequantize_nf4_reference: dtype must be float32, bfloat16 or float16, "
+                        f"got {dtype!r}")
     idx = unpack_nibbles(q.packed, q.numel)
     values = nf4_code().to(q.device)[idx]  # (numel,) in [-1, 1]
     scale = _absmax_float(q).repeat_interleave(q.blocksize)[: q.numel]
@@ -348,7 +430,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4: expected an NF4Tensor, got {type(q).__name__}")
     if dtype is not None and dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
+        raise TypeError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    q.validate("dequantize_nf4")  # metadata only: a tampered tensor must not index out of range
     n, bs = q.numel, q.blocksize
     # int32 indices: half the memory of int64, and index_select accepts them.
     values = torch.index_select(_byte_table(q.device), 0, q.packed.int()).view(-1)  # (2 * bytes,)

@@ -23,10 +23,20 @@ import torch
 from torch import nn
 
 from loracore.layer import register_linear_type
-from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from loracore.nf4 import NF4Tensor, _check_blocksize, dequantize_nf4, quantize_nf4
 from loracore.surgery import lora_layers
 
 __all__ = ["Linear4bit", "quantize_model", "model_bytes"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_compute_dtype(compute_dtype: object, where: str) -> None:
+    """``compute_dtype`` must be a floating ``torch.dtype`` that NF4 decodes into."""
+    if compute_dtype not in _COMPUTE_DTYPES or not isinstance(compute_dtype, torch.dtype):
+        raise TypeError(f"{where}: compute_dtype must be torch.float32, torch.bfloat16 or "
+                        f"torch.float16 (the dtype the 4-bit weight is decoded into), got "
+                        f"{compute_dtype!r} ({type(compute_dtype).__name__})")
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -66,6 +76,8 @@ class Linear4bit(nn.Module):
         super().__init__()
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise TypeError(f"Linear4bit: weight must be a 2-D NF4Tensor (out, in), got {weight!r}")
+        weight.validate("Linear4bit", check_values=True)
+        _check_compute_dtype(compute_dtype, "Linear4bit")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"Linear4bit: bias of shape {tuple(bias.shape)} does not fit weight "
@@ -85,6 +97,8 @@ class Linear4bit(nn.Module):
         """Quantize ``linear.weight`` to NF4. ``compute_dtype`` defaults to the weight's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        if compute_dtype is not None:
+            _check_compute_dtype(compute_dtype, "Linear4bit.from_linear")
         with torch.no_grad():
             q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype)
@@ -129,33 +143,111 @@ class Linear4bit(nn.Module):
                 f"{q.bits_per_param:.3f} bits/param")
 
 
-def quantize_model(model: nn.Module, skip: Iterable[str] = ("lm_head",), *, blocksize: int = 64,
+def _skip_names(skip: object) -> set[str]:
+    """``skip`` as a set of names: one string is one name (not a set of characters)."""
+    if isinstance(skip, str):
+        return {skip}
+    try:
+        names = list(skip)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"quantize_model: skip must be a layer name or a list of names, got "
+                        f"{type(skip).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise TypeError(f"quantize_model: skip holds {bad[0]!r}; every entry must be a non-empty "
+                        f"layer name such as 'lm_head'")
+    return set(names)
+
+
+def _swap(parent: nn.Module, child: str, module: nn.Module) -> None:
+    """Put ``module`` at ``parent.child`` (one function, so a test can make it fail)."""
+    setattr(parent, child, module)
+
+
+_DEFAULT_SKIP = ("lm_head",)
+
+
+def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, *, blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a :class:`Linear4bit`, in place.
 
-    ``skip``: layer names (the last part of the module name, e.g. ``"lm_head"``) kept as they
-    are; the output head stays in full precision as in QLoRA (and is tied to the embeddings
+    ``skip``: layer names kept as they are: a name matches a module's last name part (e.g.
+    ``"lm_head"``) or its full name (``"model.layers.0.mlp.down_proj"``); one string is one
+    name. The output head stays in full precision as in QLoRA (and is tied to the embeddings
     in many small models). Quantize *before* adding LoRA: a model that already has LoRA
     layers is refused. Returns ``model``.
+
+    All or nothing: every target is checked first (float32/bfloat16/float16, 2-D, finite),
+    and every layer is quantized before the first one is swapped in; if anything still fails,
+    the model is put back exactly as it was (same modules, weights and ``requires_grad``).
+    The price: at the peak the original layers and their 4-bit copies (about 4.1/16 of a
+    bfloat16 layer's bytes) are held together, where swapping one by one held one layer's.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
     if lora_layers(model):
         raise ValueError(f"quantize_model: {type(model).__name__} already has LoRA layers; "
                          f"quantize the base model first, then inject() the adapters")
-    skip = set(skip)
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".")[-1] not in skip]
+    names = _skip_names(skip)
+    _check_blocksize(blocksize, "quantize_model")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"quantize_model: double_quant must be True or False, got {double_quant!r}")
+    if compute_dtype is not None:
+        _check_compute_dtype(compute_dtype, "quantize_model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    explicit = skip is not _DEFAULT_SKIP  # the default may name no layer (a model without a head)
+    unknown = sorted(n for n in names if n not in linears
+                     and not any(full.split(".")[-1] == n for full in linears))
+    if explicit and unknown:
+        raise ValueError(f"quantize_model: skip names {unknown}, which match no nn.Linear of "
+                         f"{type(model).__name__} (by last name part or full name); "
+                         f"check the spelling, e.g. {sorted({k.split('.')[-1] for k in linears})[:8]}")
+    targets = [name for name in linears
+               if name.split(".")[-1] not in names and name not in names]
     if not targets:
         raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear outside "
-                         f"skip={sorted(skip)}")
+                         f"skip={sorted(names)}")
+    for name in targets:  # check every target before touching any
+        w = linears[name].weight
+        if w.dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"quantize_model: layer '{name}' has weight dtype {w.dtype}; NF4 "
+                            f"quantizes float32, bfloat16 or float16 (model.float() first)")
+        if w.dim() != 2 or w.numel() == 0:
+            raise ValueError(f"quantize_model: layer '{name}' has weight of shape "
+                             f"{tuple(w.shape)}; expected a non-empty (out, in) matrix")
+        if not bool(torch.isfinite(w).all()):
+            count = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"quantize_model: layer '{name}' has {count} non-finite weight(s) "
+                             f"(NaN or inf); nothing was quantized. Fix or reload that layer first")
+    # Quantize everything first (the model is untouched until every layer has succeeded).
+    new: dict[str, Linear4bit] = {}
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
-        setattr(parent, child, Linear4bit.from_linear(layer, blocksize=blocksize,
-                                                      double_quant=double_quant,
-                                                      compute_dtype=compute_dtype))
-    for p in model.parameters():  # the base is frozen; LoRA adds the only trainable weights
-        p.requires_grad_(False)
+        try:
+            new[name] = Linear4bit.from_linear(linears[name], blocksize=blocksize,
+                                               double_quant=double_quant, compute_dtype=compute_dtype)
+        except Exception as exc:
+            msg = f"quantize_model: layer '{name}': {exc}; nothing was quantized"
+            try:
+                wrapped = type(exc)(msg)
+            except Exception:  # an exception type that takes other arguments
+                wrapped = RuntimeError(msg)
+            raise wrapped from exc
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            _swap(parent, child, new[name])
+            done.append((parent, child, linears[name]))
+        for p in model.parameters():  # the base is frozen; LoRA adds the only trainable weights
+            p.requires_grad_(False)
+    except BaseException:
+        for parent, child, old in reversed(done):  # put the original layers back
+            setattr(parent, child, old)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
     return model
 
 

@@ -4,8 +4,10 @@ Nothing here is specific to LoRA: :func:`train` updates whatever parameters have
 ``requires_grad=True``. After ``loracore.lora.inject`` that is only the ``lora_A`` / ``lora_B``
 matrices, so the same loop fine-tunes an adapter. One optimizer step is:
 
-1. for each of ``grad_accum_steps`` micro-batches: forward, loss on the answer tokens
-   (:func:`causal_lm_loss`), divide by ``grad_accum_steps``, backward (gradients add up);
+1. take ``grad_accum_steps`` micro-batches and count their answer tokens; for each one:
+   forward, *summed* loss on its answer tokens (:func:`causal_lm_loss`), divided by the
+   answer tokens of all of them, backward (gradients add up). The step then sees exactly the
+   mean loss of one batch made of all the micro-batches, however their answers' lengths differ;
 2. clip the gradient norm to ``max_grad_norm``;
 3. ``optimizer.step()``, then the learning-rate schedule's step, then zero the gradients.
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from loracore.data import IGNORE_INDEX
+from loracore.data import IGNORE_INDEX, check_batch
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -47,15 +49,42 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                            shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def _check_int(value: Any, name: str, where: str, minimum: int | None) -> None:
+    """``value`` must be an ``int`` (>= ``minimum`` unless None): ``10.0``, ``2.5`` and
+    ``True`` are refused (a float step count is usually a computed value that should have been
+    rounded on purpose)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fix = f"; round it on purpose, e.g. int({value!r})" if isinstance(value, float) else ""
+        raise TypeError(f"{where}: {name} must be an int, got {value!r} "
+                        f"({type(value).__name__}){fix}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+
+
+def _check_real(value: Any, name: str, where: str, *, positive: bool) -> None:
+    """``value`` must be a finite real number, > 0 if ``positive`` else >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{where}: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {value!r}")
+
+
+def _check_schedule(num_steps: Any, warmup_steps: Any, kind: Any) -> None:
+    """What :func:`lr_schedule` needs (also checked by :func:`train` before it starts)."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"lr_schedule: kind must be 'cosine', 'linear' or 'constant', got {kind!r}")
+    _check_int(num_steps, "num_steps", "lr_schedule", minimum=1)
+    _check_int(warmup_steps, "warmup_steps", "lr_schedule", minimum=0)
+    if not 0 <= warmup_steps <= num_steps:
+        raise ValueError(f"lr_schedule: need 0 <= warmup_steps <= num_steps, got "
+                         f"{warmup_steps} and {num_steps}")
+
+
 def lr_schedule(optimizer: torch.optim.Optimizer, *, num_steps: int, warmup_steps: int = 0,
                 kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 over ``warmup_steps``, then ``"cosine"`` or ``"linear"`` decay
     to 0 at ``num_steps``, or ``"constant"``. Multiplies each parameter group's own lr."""
-    if kind not in ("cosine", "linear", "constant"):
-        raise ValueError(f"lr_schedule: kind must be 'cosine', 'linear' or 'constant', got {kind!r}")
-    if not 0 <= warmup_steps <= num_steps:
-        raise ValueError(f"lr_schedule: need 0 <= warmup_steps <= num_steps, got "
-                         f"{warmup_steps} and {num_steps}")
+    _check_schedule(num_steps, warmup_steps, kind)
 
     def factor(step: int) -> float:  # ``step`` optimizer steps have been taken
         if step < warmup_steps:
@@ -161,14 +190,16 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
             ``.logits: (batch, seq, vocab)``. Only parameters with ``requires_grad`` change.
         batches: an iterable of dicts with ``input_ids``, ``attention_mask``, ``labels``, each
             ``(batch, seq)`` (e.g. :func:`loracore.data.make_dataloader`); re-iterated as needed.
-        num_steps: optimizer steps (each uses ``grad_accum_steps`` batches).
-        lr: peak learning rate (ignored when ``optimizer`` is given).
+        num_steps: optimizer steps (an int; each uses ``grad_accum_steps`` batches).
+        lr: peak learning rate, finite and > 0 (ignored when ``optimizer`` is given).
         optimizer: any ``torch.optim.Optimizer`` over the trainable parameters; default AdamW.
         weight_decay: AdamW's decoupled weight decay (default optimizer only).
         loraplus_lr_ratio: if set, LoRA+ (Hayou et al. 2024): ``lora_B`` gets ``lr * ratio``,
             ``lora_A`` gets ``lr`` (default optimizer only; needs LoRA layers).
-        grad_accum_steps: micro-batches whose gradients add up before one step.
-        max_grad_norm: clip the global gradient norm to this; None to skip clipping.
+        grad_accum_steps: micro-batches whose gradients add up before one step; each is
+            weighted by its number of answer tokens, so the step equals one batch of all of
+            them (and the logged loss is that batch's mean loss per answer token).
+        max_grad_norm: clip the global gradient norm to this (> 0); None to skip clipping.
         warmup_steps, schedule: see :func:`lr_schedule`.
         seed: seeds PyTorch before training (dropout masks); the data order comes from the
             loader's own seed.
@@ -177,12 +208,25 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
 
     Returns a :class:`TrainResult`; the model is left in eval mode.
     """
+    for name, value in (("num_steps", num_steps), ("grad_accum_steps", grad_accum_steps)):
+        _check_int(value, name, "train", minimum=None)
     if num_steps < 1 or grad_accum_steps < 1:
         raise ValueError(f"train: num_steps and grad_accum_steps must be >= 1, got "
                          f"{num_steps} and {grad_accum_steps}")
+    _check_real(lr, "lr", "train", positive=True)
+    _check_real(weight_decay, "weight_decay", "train", positive=False)
+    if loraplus_lr_ratio is not None:
+        _check_real(loraplus_lr_ratio, "loraplus_lr_ratio", "train", positive=True)
+    if max_grad_norm is not None:
+        # clip_grad_norm_ with a negative norm flips the gradient: the step would ascend.
+        _check_real(max_grad_norm, "max_grad_norm", "train (None skips clipping)", positive=True)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"train: optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("train: the model has no trainable parameters (did you inject LoRA?)")
+    _check_schedule(num_steps, warmup_steps, schedule)  # before the model or the RNG is touched
     torch.manual_seed(seed)
     if optimizer is None:
         if loraplus_lr_ratio is not None:
@@ -200,16 +244,30 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
     start = time.perf_counter()
     bar = tqdm(range(num_steps), desc="training", disable=not progress)
     try:
-        for _ in bar:
+        for step in bar:
+            # All micro-batches of the step first: the loss of each is divided by the answer
+            # tokens of all of them, so the step equals one batch of their union.
+            micro = []
+            for i in range(grad_accum_steps):
+                batch = next(data)
+                check_batch(batch, f"train: step {step}, micro-batch {i}")
+                micro.append({k: v.to(device) for k, v in batch.items()
+                              if isinstance(v, torch.Tensor)})
+            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+            total = sum(counts)
+            if total == 0:
+                raise ValueError(f"train: step {step}: no labelled token in its "
+                                 f"{grad_accum_steps} micro-batch(es) (all labels are -100)")
             step_loss = 0.0
-            for _ in range(grad_accum_steps):
-                batch = {k: v.to(device) for k, v in next(data).items()}
+            for batch, count in zip(micro, counts):
+                result.tokens += int(batch["attention_mask"].sum())
+                if count == 0:  # adds nothing to the union's loss or gradient
+                    continue
                 logits = model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).logits
-                loss = causal_lm_loss(logits, batch["labels"]) / grad_accum_steps
+                loss = causal_lm_loss(logits, batch["labels"], reduction="sum") / total
                 loss.backward()  # gradients accumulate in .grad across micro-batches
                 step_loss += loss.item()
-                result.tokens += int(batch["attention_mask"].sum())
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             result.lrs.append(optimizer.param_groups[0]["lr"])

@@ -193,6 +193,25 @@ def test_bit_exact_edge_cases(double_quant):
             raise AssertionError(f"edge case {name!r}: {exc}") from None
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bit_exact_near_the_float32_limit_where_bitsandbytes_is_finite(double_quant):
+    """Values up to 1e38 and mixed huge/tiny blocks: the float32 mean of the block constants
+    does not overflow yet, so our bytes must still be bitsandbytes' (the overflow fallback in
+    quantize_nf4 is taken only where bitsandbytes returns NaN; see test_bad_inputs_data)."""
+    g = torch.Generator().manual_seed(5)
+    cases = {
+        "one value at 1e38": torch.cat([torch.full((1,), 1e38), torch.randn(300, generator=g)]),
+        "blocks of 1e38 and 1e-30": torch.cat([torch.randn(64, generator=g) * 1e37,
+                                               torch.randn(64, generator=g) * 1e-30,
+                                               torch.randn(70, generator=g)]),
+    }
+    for name, w in cases.items():
+        try:
+            assert_same_as_bnb(w, 64, double_quant)
+        except AssertionError as exc:
+            raise AssertionError(f"case {name!r}: {exc}") from None
+
+
 def _values_where_reciprocal_and_division_disagree(num_blocks: int = 40) -> torch.Tensor:
     """Blocks ``[a, x1, x2, ...]`` whose ``x / a`` and ``x * (1 / a)`` fall on different sides
     of a midpoint between two NF4 codes: only the same rounding as bitsandbytes gets them right."""

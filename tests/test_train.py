@@ -130,6 +130,74 @@ def test_gradient_accumulation_averages_micro_batches(dataset):
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
+def _lora_grads_after_one_step(batches, accum):
+    """One SGD step with lr=0 (weights stay put): the accumulated gradient and logged loss."""
+    model, _ = fresh_lora()
+    with torch.no_grad():  # a non-zero B, so A gets a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    class Capture(torch.optim.SGD):  # record .grad just before the step zeroes it
+        def step(self, closure=None):
+            grads.update({n: p.grad.clone() for n, p in zip(names, params)})
+            return super().step(closure)
+
+    result = train(model, batches, num_steps=1, optimizer=Capture(params, lr=0.0),
+                   grad_accum_steps=accum, max_grad_norm=None, schedule="constant", progress=False)
+    return grads, result.losses[0], model
+
+
+def test_accumulation_equals_one_batch_of_the_union_with_unequal_answers(dataset):
+    """Three micro-batches whose answers have very different token counts: their accumulated
+    gradient and logged loss equal those of one batch holding all their examples."""
+    _, tokenizer = tiny()
+    pad = pad_token_id(tokenizer)
+    examples = [dataset[i] for i in range(5)]
+    # Shorten some answers by masking them (labels -100), so the counts differ a lot.
+    examples[0] = dict(examples[0], labels=[IGNORE_INDEX] * (len(examples[0]["labels"]) - 2)
+                       + examples[0]["labels"][-2:])
+    groups = [examples[:1], examples[1:4], examples[4:]]
+    micro = [collate(g, pad) for g in groups]
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+    assert len(set(counts)) == 3, counts  # unequal answer-token counts, or the test proves nothing
+    union = collate(examples, pad)
+    g_union, loss_union, model = _lora_grads_after_one_step([union], 1)
+    g_accum, loss_accum, _ = _lora_grads_after_one_step(micro, 3)
+    with torch.no_grad():
+        want = causal_lm_loss(model(input_ids=union["input_ids"],
+                                    attention_mask=union["attention_mask"]).logits,
+                              union["labels"]).item()
+    assert math.isclose(loss_union, want, rel_tol=1e-5)
+    assert math.isclose(loss_accum, want, rel_tol=1e-5)
+    assert g_union.keys() == g_accum.keys() and len(g_union) > 0
+    for n in g_union:
+        assert g_union[n].abs().sum() > 0, n
+        assert torch.allclose(g_accum[n], g_union[n], rtol=1e-4, atol=1e-7), n
+    # The old rule (mean of the micro-batch means) gives a different gradient here.
+    per_batch = [_lora_grads_after_one_step([b], 1)[0] for b in micro]
+    n = next(iter(g_union))
+    mean_of_means = sum(g[n] for g in per_batch) / 3
+    assert not torch.allclose(mean_of_means, g_union[n], rtol=1e-3, atol=1e-6)
+
+
+def test_accumulation_skips_a_micro_batch_without_answer_tokens(dataset):
+    """A micro-batch whose labels are all -100 adds nothing: the step equals the other one."""
+    _, tokenizer = tiny()
+    pad = pad_token_id(tokenizer)
+    batch = collate(dataset.select(range(2)), pad)
+    empty = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+    g_one, loss_one, _ = _lora_grads_after_one_step([batch], 1)
+    g_two, loss_two, _ = _lora_grads_after_one_step([batch, empty], 2)
+    assert math.isclose(loss_one, loss_two, rel_tol=1e-6)
+    assert all(torch.allclose(g_one[n], g_two[n], atol=1e-7) for n in g_one)
+    with pytest.raises(ValueError, match="step 0: no labelled token in its 2 micro-batch"):
+        _lora_grads_after_one_step([empty, empty], 2)
+
+
 def test_the_given_optimizer_is_used(dataset):
     model, tokenizer = fresh_lora()
     start = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
