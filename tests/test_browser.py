@@ -9,7 +9,7 @@ the rendered outputs), each with a bound. Screenshots of each step land in test-
 
 Run it alone with `make test` (it is part of tests/) or::
 
-    LORACORE_FAST=1 .venv/bin/python -m pytest -p no:cacheprovider -q -m browser tests/test_browser.py
+    .venv/bin/python -m pytest -p no:cacheprovider -q -m browser tests/test_browser.py
 
 It is skipped, with the reason, where there is no Chromium or no playwright.
 """
