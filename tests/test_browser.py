@@ -51,9 +51,9 @@ NOTEBOOKS = ["lessons/00_tour.ipynb", "lessons/02_lora_layer.ipynb", "labs/lab01
 
 pytestmark = pytest.mark.browser
 
-if CHROMIUM is None:
-    pytest.skip("browser tests: no Chromium on this machine (Debian: apt-get install chromium)",
-                allow_module_level=True)
+if CHROMIUM is None or not Path(CHROMIUM).is_file():
+    pytest.skip(f"browser tests: no Chromium on this machine ({CHROMIUM or 'none on PATH'}; Debian: "
+                "apt-get install chromium, or set LORACORE_CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="browser tests: playwright is not installed (make venv installs it)")
 if shutil.which("make") is None:
