@@ -15,14 +15,14 @@ NBVAL      := --nbval-lax --nbval-current-env --nbval-sanitize-with tools/nbval_
 NB_DIRS    := $(wildcard lessons labs solutions)
 # `make lab`: JupyterLab serves the repository root (lessons/, labs/, solutions/, data/) and opens
 # lesson 00. Given only a notebook, JupyterLab would serve that notebook's folder and nothing else.
-# tests/test_browser.py starts JupyterLab with exactly this command (it asks make for LAB_CMD).
+# tests/test_browser.py starts JupyterLab with exactly this command (`make -s lab-cmd` prints it).
 LAB_CMD     = $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) --ServerApp.root_dir=. lessons/00_tour.ipynb
 # The course's JupyterLab settings (no "Jupyter news?" pop-up over lesson 00), installed where
 # JupyterLab reads overrides for this environment only: the learner's own ~/.jupyter is left alone.
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 TEST_ENV   := LORACORE_FAST=1 LORACORE_BASE_MODEL=smollm2-135m HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help venv lab test unit notebooks labs clean-nb check-nb execute bench clean
+.PHONY: help venv lab lab-cmd test unit notebooks labs clean-nb check-nb execute bench clean
 
 help:
 	@echo "make lab        set up .venv if needed and open the course in JupyterLab"
@@ -49,6 +49,9 @@ $(LAB_OVERRIDES): tools/jupyterlab/overrides.json | $(STAMP)
 
 lab: venv
 	$(LAB_CMD)
+
+lab-cmd:
+	@echo '$(LAB_CMD)'
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests $(NB_DIRS)

@@ -1,8 +1,8 @@
 """JupyterLab in a real browser: a learner's first steps after `make lab`, tested end to end.
 
-The module starts JupyterLab from .venv with the Makefile's own command (`LAB_CMD`, asked from
-make, so the two cannot drift), plus what a test needs: no browser of its own, 127.0.0.1, a free
-port and a token, and the short mode. Headless Chromium (Debian's, driven by Playwright) then does
+The module starts JupyterLab from .venv with the Makefile's own command (`LAB_CMD`, printed by
+`make lab-cmd`, so the two cannot drift), plus what a test needs: no browser of its own,
+127.0.0.1, a free port and a token, and the short mode. Headless Chromium (Debian's, driven by Playwright) then does
 what a learner does: open a notebook, Run > Run All Cells, read the page, move a slider, edit a cell.
 Every wait is on JupyterLab's own state (the kernel status indicator, the cells' execution counts,
 the rendered outputs), each with a bound. Screenshots of each step land in test-artifacts/.
@@ -63,8 +63,8 @@ if shutil.which("make") is None:
 # ---- JupyterLab, started as `make lab` starts it -----------------------------------------------
 def lab_command() -> list[str]:
     """The Makefile's `make lab` command line, as make expands it (nothing is built or run)."""
-    out = subprocess.run(["make", "-s", "--no-print-directory", "--eval", "_lab_cmd: ; @$(info $(LAB_CMD)):",
-                          "_lab_cmd"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(["make", "-s", "--no-print-directory", "lab-cmd"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
     cmd = shlex.split(out.strip())
     assert cmd[:2] == [".venv/bin/jupyter", "lab"], f"unexpected LAB_CMD in the Makefile: {out!r}"
     return cmd
@@ -303,7 +303,9 @@ def learner(lab, browser) -> Iterator[Learner]:
 def index_of(path: str, marker: str) -> int:
     """The index of the first cell of `path` whose source contains `marker`."""
     cells = json.loads((REPO / path).read_text())["cells"]
-    return next(i for i, c in enumerate(cells) if marker in "".join(c["source"]))
+    found = [i for i, c in enumerate(cells) if marker in "".join(c["source"])]
+    assert found, f"{path} has no cell containing {marker!r}: update tests/test_browser.py with the notebook"
+    return found[0]
 
 
 def open_url(lab: Lab) -> str:
