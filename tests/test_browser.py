@@ -2,12 +2,13 @@
 
 The module starts JupyterLab from .venv with the Makefile's own command (`LAB_CMD`, printed by
 `make lab-cmd`, so the two cannot drift), plus what a test needs: no browser of its own,
-127.0.0.1, a free port and a token, and the short mode. Headless Chromium (Debian's, driven by Playwright) then does
-what a learner does: open a notebook, Run > Run All Cells, read the page, move a slider, edit a cell.
-Every wait is on JupyterLab's own state (the kernel status indicator, the cells' execution counts,
-the rendered outputs), each with a bound. Screenshots of each step land in test-artifacts/.
+127.0.0.1, a free port and a token, and the short mode. Headless Chromium (Debian's, driven by
+Playwright) then does what a learner does: open a notebook, Run > Run All Cells, read the page,
+move a slider, edit a cell. Every wait is on JupyterLab's own state (the kernel status, the
+cells' execution counts, the rendered outputs), each with a bound; no fixed sleeps. Screenshots
+of each step land in test-artifacts/.
 
-Run it alone with `make test` (it is part of tests/) or::
+`make test` runs it (it is in tests/); alone::
 
     .venv/bin/python -m pytest -p no:cacheprovider -q -m browser tests/test_browser.py
 
