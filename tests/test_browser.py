@@ -120,6 +120,8 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     if not (REPO / ".venv/bin/jupyter").exists():
         pytest.fail("no .venv/bin/jupyter: run `make venv` first")
     ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # this run's screenshots only
+        old.unlink()
     home = tmp_path_factory.mktemp("jupyter")
     # The learner's own Jupyter settings, workspaces and config stay out of the test (and untouched):
     # JupyterLab gets empty ones, so what shows is what a new learner sees. Only autosave is off,
