@@ -339,6 +339,11 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     Bit-exact with ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
     compress_statistics=double_quant)``. Raises ``ValueError`` on non-finite values, an
     empty tensor or a blocksize that is not a power of two; ``TypeError`` on another dtype.
+
+    Huge finite values (up to float32's 3.4e38) quantize to finite values. With double
+    quantization the block constants share one 8-bit scale per 256 blocks, so a block far
+    smaller than its neighbours (1 next to 1e38) loses its precision, as in bitsandbytes;
+    ``double_quant=False`` keeps every block's own float32 scale.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4: expected a torch.Tensor, got {type(w).__name__}")
