@@ -119,6 +119,10 @@ class Request:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step (a client that went away)."""
+        self._cancelled = True
+
 
 class _Row:
     """A running request: its cache per layer ``(kv_heads, length, head_dim)``, its adapter."""
@@ -276,6 +280,8 @@ class Engine:
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
         p = row.req.params
+        if getattr(row.req, "_cancelled", False):
+            return self._finish(row, "abort")
         tok = sample_token(logits, float(p.temperature), float(p.top_p), row.gen)
         if tok in row.eos:
             return self._finish(row, "stop")
