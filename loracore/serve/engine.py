@@ -23,6 +23,7 @@ model); it calls the model's own modules, so LoRA hooks and weights are the mode
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -132,7 +133,8 @@ class _Row:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.pending: int | None = None  # sampled, not yet in the cache
-        seed = req.params.seed if req.params.seed is not None else torch.seed()
+        # no seed: a fresh one from the OS (torch.seed() would reseed the global generator)
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.gen = torch.Generator().manual_seed(int(seed) % (2 ** 63))
 
     @property
