@@ -343,6 +343,8 @@ def test_stops_at_eos_and_max_tokens_and_refuses_bad_requests(engine):
     eng.model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
     req = eng.submit(ids, None, SamplingParams(max_tokens=5))
     assert req.result(30) == [] and req.finish_reason == "stop"
+    req = eng.submit(ids, None, SamplingParams(max_tokens=3, ignore_eos=True))  # vLLM's benchmark switch
+    assert req.result(30) == [eos] * 3 and req.finish_reason == "length"
     with pytest.raises(PromptTooLong, match="maximum context length is 512"):
         eng.submit(list(range(200)) * 3, None, SamplingParams(max_tokens=1))
     for bad in (SamplingParams(max_tokens=0), SamplingParams(temperature=-1), SamplingParams(top_p=0)):
@@ -350,3 +352,24 @@ def test_stops_at_eos_and_max_tokens_and_refuses_bad_requests(engine):
             eng.submit(ids, None, bad)
     with pytest.raises(UnknownAdapter):
         eng.submit(ids, "nope")
+
+
+# ---- lab 05's self-checks pass the library's functions and fail wrong ones ------------------
+def test_lab05_checks():
+    from loracore.checks import lab05
+    from loracore.selfcheck import ExerciseFailed
+
+    lab05.check_gather_rows(gather_factors)
+    lab05.check_batched_lora(batched_lora_delta)
+    lab05.check_mixed_lora(lambda out, x, A, B, s, slots: apply_mixed_lora(out, x, A, B, s, slots))
+
+    def adds_zero_to_base_rows(out, x, A, B, s, slots):
+        return out + batched_lora_delta(x, *gather_factors(A, B, s, slots.clamp(min=0)))
+
+    def ignores_scaling(x, A, B, s):
+        return batched_lora_delta(x, A, B, torch.ones_like(s))
+    for check, wrong in ((lab05.check_mixed_lora, adds_zero_to_base_rows),
+                         (lab05.check_batched_lora, ignores_scaling),
+                         (lab05.check_gather_rows, lambda A, B, s, slots: (A[:len(slots)], B[:len(slots)], s))):
+        with pytest.raises(ExerciseFailed):
+            check(wrong)

@@ -55,6 +55,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extra parameter: always generate max_tokens (benchmarks)
 
     def check(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -285,7 +286,7 @@ class Engine:
         if getattr(row.req, "_cancelled", False):
             return self._finish(row, "abort")
         tok = sample_token(logits, float(p.temperature), float(p.top_p), row.gen)
-        if tok in row.eos:
+        if tok in row.eos and not p.ignore_eos:
             return self._finish(row, "stop")
         row.req.output_ids.append(tok)
         row.req._events.put(tok)

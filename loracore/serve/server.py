@@ -54,6 +54,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extra sampling parameter
 
 
 class CompletionRequest(_Sampling):
@@ -149,7 +150,7 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
         if max_tokens is None:  # vLLM's default: whatever the context has room for
             max_tokens = max(1, engine.max_model_len - len(prompt_ids))
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed)
+                                top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
         try:
             return engine.submit(prompt_ids, adapter, params)
         except PromptTooLong as e:
