@@ -1,0 +1,388 @@
+"""Generation with continuous batching, many adapters in one batch.
+
+Each request is *prefilled* alone (its prompt in one forward pass) and then joins the running
+batch: every step feeds the last token of every running request at once, each row with its
+own adapter (:mod:`loracore.serve.batched`), its own key/value cache and its own random
+generator. A request leaves the batch when it hits EOS or ``max_tokens``; a new one joins at
+the next step.
+
+A request's tokens never depend on its batch-mates, exactly (not only up to rounding):
+
+- attention runs per request over its own cache, so no padding or mask ever enters it;
+- every row-wise operation (linear layers, norms, activations) runs in chunks of exactly
+  ``CHUNK`` rows, padded. On a CPU, a matrix product's rounding can change with the number of
+  rows (BLAS picks kernels by shape), so a row's bits would otherwise depend on how many
+  requests are running. With fixed shapes they cannot;
+- rotary embeddings are computed once for every position and looked up;
+- sampling uses a ``torch.Generator`` per request, seeded from the request's ``seed``.
+
+The decoder loop below is written for Llama/Qwen2-style models (SmolLM2, Qwen2, the tiny test
+model); it calls the model's own modules, so LoRA hooks and weights are the model's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loracore.serve.batched import use_slots
+from loracore.serve.registry import (AdapterError, AdapterInfo, AdapterRegistry, NoFreeSlot,
+                                     UnknownAdapter)
+
+__all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK"]
+
+CHUNK = 16  # rows per row-wise matmul; fixed so a row's rounding never depends on the batch
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus ``max_tokens`` does not fit the model's context."""
+
+
+@dataclass
+class SamplingParams:
+    """``temperature`` 0 means greedy; ``top_p`` keeps the smallest set of tokens whose
+    probability reaches it; ``seed`` makes sampling repeatable (None: a fresh random seed)."""
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extra parameter: always generate max_tokens (benchmarks)
+
+    def check(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator) -> int:
+    """One token id from logits ``(vocab,)``: argmax when ``temperature == 0``, else a draw
+    from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus."""
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, 0) - sorted_p       # mass of the tokens ahead of each
+        sorted_p[before >= top_p] = 0.0                     # keep until the mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation request; :meth:`result` waits for it, :meth:`stream` yields its tokens."""
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    adapter_info: AdapterInfo | None = field(default=None, repr=False)
+    _events: "queue.Queue[int | None]" = field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """The generated token ids (without the EOS token); raises the request's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return list(self.output_ids)
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Token ids as they are generated; raises the request's error at the end."""
+        while True:
+            tok = self._events.get(timeout=timeout)
+            if tok is None:
+                break
+            yield tok
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step (a client that went away)."""
+        self._cancelled = True
+
+
+class _Row:
+    """A running request: its cache per layer ``(kv_heads, length, head_dim)``, its adapter."""
+
+    def __init__(self, req: Request, info, eos: set[int]) -> None:
+        self.req, self.info, self.eos = req, info, eos
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pending: int | None = None  # sampled, not yet in the cache
+        # no seed: a fresh one from the OS (torch.seed() would reseed the global generator)
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.gen = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+
+    @property
+    def slot(self) -> int:
+        return -1 if self.info is None else self.info.slot
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+
+class Engine:
+    """A background thread that runs every submitted request to completion, in batches.
+
+    Args:
+        model, tokenizer: the base model (Llama/Qwen2 family) and its tokenizer.
+        registry: the adapters (:class:`AdapterRegistry` over the same model).
+        max_num_seqs: at most this many requests run at once (vLLM's ``--max-num-seqs``).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry, *,
+                 max_num_seqs: int = 32) -> None:
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj"):
+            raise TypeError(f"Engine: {type(model).__name__} is not a Llama/Qwen2-style causal LM "
+                            f"(model.model.layers[i].self_attn.q_proj); the serving loop supports those only")
+        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", False):
+            raise TypeError("Engine: sliding-window attention is not supported")
+        self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = int(model.config.max_position_embeddings)
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        with torch.no_grad():  # rotary cos/sin for every position, once (see the module docstring)
+            pos = torch.arange(self.max_model_len).unsqueeze(0)
+            probe = torch.zeros(1, 1, model.config.hidden_size, dtype=next(model.parameters()).dtype)
+            cos, sin = inner.rotary_emb(probe, pos)
+            self._cos, self._sin = cos[0], sin[0]                   # (max_len, head_dim)
+        self._waiting: list[Request] = []
+        self._running: list[_Row] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self.steps = 0
+        self.batch_sizes: list[int] = []  # decode batch size at each step (for the lesson)
+        self._thread = threading.Thread(target=self._loop, name="loracore-engine", daemon=True)
+        self._thread.start()
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], adapter: str | None = None,
+               params: SamplingParams | None = None) -> Request:
+        """Queue a request. Raises ``ValueError`` for bad parameters, :class:`PromptTooLong`,
+        :class:`UnknownAdapter` for an adapter name that is not loaded."""
+        params = params or SamplingParams()
+        params.check()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; "
+                                f"the prompt has {len(prompt_ids)} and max_tokens asks for "
+                                f"{params.max_tokens} more. Shorten the prompt or lower max_tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        req = Request(list(prompt_ids), adapter, params)
+        if adapter is not None:  # resolved now: an unload after this point lets it finish
+            req.adapter_info = self.registry.info(adapter)
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("Engine: stopped")
+            self._waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def generate(self, prompt_ids: list[int], adapter: str | None = None,
+                 params: SamplingParams | None = None, timeout: float | None = 300) -> list[int]:
+        """Submit and wait: the generated ids."""
+        return self.submit(prompt_ids, adapter, params).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop; requests still queued or running fail with RuntimeError."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stop:
+                    for req in self._waiting + [r.req for r in self._running]:
+                        self._finish_req(req, None, RuntimeError("Engine: stopped"))
+                    return
+                new = self._admit()
+            try:
+                with torch.no_grad(), self.registry.lock:
+                    if self._running:
+                        self._decode_step()
+                    for row in new:
+                        self._prefill(row)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                for row in self._running + new:
+                    self._finish(row, None, e)
+                new = []
+            self._running += [r for r in new if not r.req.done]
+
+    def _admit(self) -> list[_Row]:
+        """Take waiting requests (oldest first) while there is room and an adapter slot."""
+        new: list[_Row] = []
+        keep: list[Request] = []
+        for req in self._waiting:
+            if len(self._running) + len(new) >= self.max_num_seqs:
+                keep.append(req)
+                continue
+            info = None
+            if req.adapter is not None:
+                try:
+                    info = self.registry.acquire(req.adapter_info)
+                except NoFreeSlot:
+                    keep.append(req)  # every slot is pinned by running requests: wait
+                    continue
+                except (UnknownAdapter, AdapterError) as e:
+                    self._finish_req(req, None, e)
+                    continue
+            new.append(_Row(req, info, self.eos))
+        self._waiting = keep
+        return new
+
+    def _finish_req(self, req: Request, reason: str | None, error: BaseException | None = None) -> None:
+        req.finish_reason, req.error = reason, error
+        req._events.put(None)
+        req._done.set()
+
+    def _finish(self, row: _Row, reason: str | None, error: BaseException | None = None) -> None:
+        if row.req.done:
+            return
+        if row.info is not None:
+            self.registry.release(row.info)
+        self._finish_req(row.req, reason, error)
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> None:
+        p = row.req.params
+        if getattr(row.req, "_cancelled", False):
+            return self._finish(row, "abort")
+        tok = sample_token(logits, float(p.temperature), float(p.top_p), row.gen)
+        if tok in row.eos and not p.ignore_eos:
+            return self._finish(row, "stop")
+        row.req.output_ids.append(tok)
+        row.req._events.put(tok)
+        if len(row.req.output_ids) >= p.max_tokens or row.length + 1 >= self.max_model_len:
+            return self._finish(row, "length")
+        row.pending = tok
+
+    # ---- the forward pass -----------------------------------------------------------------
+    def _rowwise(self, fn, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``fn`` on ``x: (T, d)`` in chunks of exactly CHUNK rows -> ``(T, d_out)``."""
+        T = x.shape[0]
+        pad = (-T) % CHUNK
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            slots = torch.cat([slots, slots.new_full((pad,), -1)])
+        outs = []
+        for i in range(0, T + pad, CHUNK):
+            with use_slots(slots[i:i + CHUNK]):
+                outs.append(fn(x[i:i + CHUNK].unsqueeze(1)).squeeze(1))
+        return torch.cat(outs)[:T]
+
+    def _attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                row: _Row, layer: int, causal: bool) -> torch.Tensor:
+        """One request's attention. q: ``(heads, n, d)``, k/v: ``(kv_heads, n, d)`` (the new
+        tokens, already rotated) -> ``(n, heads * d)``. Appends k/v to the row's cache."""
+        if len(row.keys) <= layer:
+            row.keys.append(k)
+            row.values.append(v)
+        else:
+            row.keys[layer] = torch.cat([row.keys[layer], k], dim=1)
+            row.values[layer] = torch.cat([row.values[layer], v], dim=1)
+        K, V = row.keys[layer], row.values[layer]
+        out = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0),
+                                             is_causal=causal, scale=attn.scaling, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+    def _layers_forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[_Row],
+                        spans: list[tuple[int, int]], slots: torch.Tensor, rowwise) -> torch.Tensor:
+        """The decoder over ``ids: (T,)`` tokens; ``spans[i]`` are row i's token range.
+        Returns the final hidden states ``(T, hidden)``."""
+        inner = self.model.model
+        x = inner.embed_tokens(ids)                                   # (T, hidden)
+        cos, sin = self._cos[positions], self._sin[positions]          # (T, head_dim)
+        for li, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            hd = attn.head_dim
+            h = rowwise(layer.input_layernorm, x, slots)
+            q = rowwise(attn.q_proj, h, slots).view(-1, attn.config.num_attention_heads, hd)
+            k = rowwise(attn.k_proj, h, slots).view(-1, attn.config.num_key_value_heads, hd)
+            v = rowwise(attn.v_proj, h, slots).view(-1, attn.config.num_key_value_heads, hd)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            a = torch.cat([self._attend(attn, q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                        v[s:e].transpose(0, 1), row, li, causal=e - s > 1)
+                           for row, (s, e) in zip(rows, spans)])
+            x = x + rowwise(attn.o_proj, a, slots)
+            h = rowwise(layer.post_attention_layernorm, x, slots)
+            mlp = layer.mlp
+            gate = rowwise(mlp.gate_proj, h, slots)
+            up = rowwise(mlp.up_proj, h, slots)
+            act = rowwise(lambda t: mlp.act_fn(t), gate, slots)
+            x = x + rowwise(mlp.down_proj, act * up, slots)
+        return rowwise(inner.norm, x, slots)
+
+    def _prefill(self, row: _Row) -> None:
+        """Run one new request's prompt alone and sample its first token."""
+        ids = torch.tensor(row.req.prompt_ids)
+        n = ids.numel()
+        slots = torch.tensor([row.slot])
+
+        def whole(fn, x, _slots):  # the whole prompt as one row: (1, n, d)
+            with use_slots(slots):
+                return fn(x.unsqueeze(0)).squeeze(0)
+
+        hidden = self._layers_forward(ids, torch.arange(n), [row], [(0, n)], slots, whole)
+        logits = whole(self.model.lm_head, hidden[-1:], slots)[0].float()
+        self._emit(row, logits)
+
+    def _decode_step(self) -> None:
+        """Feed every running request's pending token; sample the next for each."""
+        rows = list(self._running)
+        ids = torch.tensor([r.pending for r in rows])
+        positions = torch.tensor([r.length for r in rows])
+        slots = torch.tensor([r.slot for r in rows])
+        hidden = self._layers_forward(ids, positions, rows, [(i, i + 1) for i in range(len(rows))],
+                                      slots, self._rowwise)
+        logits = self._rowwise(self.model.lm_head, hidden, slots).float()
+        self.steps += 1
+        self.batch_sizes.append(len(rows))
+        for i, row in enumerate(rows):
+            self._emit(row, logits[i])
+        self._running = [r for r in self._running if not r.req.done]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (the Llama/Qwen2 "rotate half" form). x: ``(T, heads, d)``,
+    cos/sin: ``(T, d)``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
