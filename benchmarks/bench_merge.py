@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 5
+    repeats, warmup = (3, 0) if args.quick else (5, 1)
     torch.set_grad_enabled(False)
     ours, theirs, peft_layers = models()
 
@@ -97,7 +97,7 @@ def main() -> None:
             ("ties", "ties_svd", {"density": DENSITY}, "≤ 1.0")):
         t = interleaved_medians({"ours": run_ours(ours_method, svd_rank=RANK, **kw),
                                  "peft": run_peft(peft_method, svd_rank=RANK, **kw)},
-                                repeats, warmup=1)
+                                repeats, warmup=warmup)
         combine_adapters(ours, ["a", "b"], WEIGHTS, "new", combination_type=ours_method,
                          svd_rank=RANK, **kw)
         theirs.add_weighted_adapter(["a", "b"], WEIGHTS, "new", combination_type=peft_method,

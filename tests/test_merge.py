@@ -346,3 +346,45 @@ def test_refusals_name_the_problem(tiny):
     with pytest.raises(ValueError, match="no LoRA layers"):
         from loracore.models import load_base_model
         combine_adapters(load_base_model("tiny-qwen2", verbose=False)[0], ["a"], [1], "x")
+
+
+# ---- lab 04's self-checks (loracore/checks/lab04.py) --------------------------------------------
+def test_lab04_checks_pass_right_answers_and_explain_wrong_ones(capsys):
+    from loracore.checks import lab04
+    from loracore.selfcheck import ExerciseFailed
+
+    def trim(t, density):
+        return M.prune(t, density, "magnitude")
+
+    def elect(s):
+        return M.calculate_majority_sign_mask(s)
+
+    def my_ties(ts, w, d):
+        return M.ties(ts, w, d)
+
+    lab04.check_trim(trim)
+    lab04.check_elect(elect)
+    lab04.check_disjoint_mean(M.disjoint_merge)
+    lab04.check_drop_and_rescale(lambda t, d, g=None: M.prune(t, d, "random", rescale=True, generator=g))
+    lab04.check_ties(my_ties)
+    assert "all 3 checks passed" in capsys.readouterr().out
+
+    wrong = [  # the usual mistakes, each caught with its hint
+        (lab04.check_trim, lambda t, d: torch.where(t.abs() >= t.abs().quantile(1 - d), t, 0), "topk"),
+        (lab04.check_elect, lambda s: s.sign() == torch.where(s.sign().sum(0) > 0, 1.0, -1.0), "SUM over tasks"),
+        (lab04.check_disjoint_mean, lambda s, m: (s * m).sum(0) / m.sum(0), "clamped to at least 1"),
+        (lab04.check_drop_and_rescale, lambda t, d, g=None: t * (torch.rand(t.shape, generator=g) < d),
+         "divide by density"),
+        (lab04.check_ties, lambda ts, w, d: M.disjoint_merge(
+            torch.stack(ts) * w[:, None, None], M.calculate_majority_sign_mask(torch.stack(ts) * w[:, None, None])),
+         "UNWEIGHTED"),
+    ]
+    for check, fn, hint in wrong:
+        with pytest.raises(ExerciseFailed):
+            check(fn)
+        assert hint in capsys.readouterr().out
+
+    def stub(*args):
+        raise NotImplementedError("Exercise")
+    with pytest.raises(ExerciseFailed, match="not written yet"):
+        lab04.check_trim(stub)
