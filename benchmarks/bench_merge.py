@@ -35,9 +35,9 @@ R, ALPHA, WEIGHTS, DENSITY, RANK = 16, 32, [0.7, 0.3], 0.2, 32
 
 
 def models():
-    """loracore's and PEFT's SmolLM2 with the same adapters "a" and "b" (random, non-zero)."""
+    """loracore's and PEFT's SmolLM2 with the same adapters "one" and "two" (random, non-zero)."""
     ours = load_base_model("smollm2-135m", verbose=False)[0]
-    for name in ("a", "b"):
+    for name in ("one", "two"):
         inject(ours, SEVEN, r=R, lora_alpha=ALPHA, adapter_name=name)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -46,14 +46,14 @@ def models():
                 for lin in d.values():
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
     theirs = get_peft_model(load_base_model("smollm2-135m", verbose=False)[0],
-                            LoraConfig(r=R, lora_alpha=ALPHA, target_modules=SEVEN), adapter_name="a")
-    theirs.add_adapter("b", LoraConfig(r=R, lora_alpha=ALPHA, target_modules=SEVEN))
+                            LoraConfig(r=R, lora_alpha=ALPHA, target_modules=SEVEN), adapter_name="one")
+    theirs.add_adapter("two", LoraConfig(r=R, lora_alpha=ALPHA, target_modules=SEVEN))
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, PeftLinear)}
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
             for d in ("lora_A", "lora_B"):
-                for a in ("a", "b"):
+                for a in ("one", "two"):
                     getattr(peft_layers[name], d)[a].weight.copy_(getattr(layer, d)[a].weight)
     return ours, theirs, peft_layers
 
@@ -64,7 +64,7 @@ def relative_error(layers: dict, name: str, method: str) -> float:
     w = torch.tensor(WEIGHTS)
     with torch.no_grad():
         for layer in layers.values():
-            deltas = [layer.get_delta_weight("a"), layer.get_delta_weight("b")]
+            deltas = [layer.get_delta_weight("one"), layer.get_delta_weight("two")]
             want = M.task_arithmetic(deltas, w) if method == "linear" else M.ties(deltas, w, DENSITY)
             num += (layer.get_delta_weight(name) - want).norm().item() ** 2
             den += want.norm().item() ** 2
@@ -81,13 +81,13 @@ def main() -> None:
 
     def run_ours(method: str, **kw):
         def fn():
-            combine_adapters(ours, ["a", "b"], WEIGHTS, "new", combination_type=method, **kw)
+            combine_adapters(ours, ["one", "two"], WEIGHTS, "new", combination_type=method, **kw)
             delete_adapter(ours, "new")
         return fn
 
     def run_peft(method: str, **kw):
         def fn():
-            theirs.add_weighted_adapter(["a", "b"], WEIGHTS, "new", combination_type=method, **kw)
+            theirs.add_weighted_adapter(["one", "two"], WEIGHTS, "new", combination_type=method, **kw)
             theirs.delete_adapter("new")
         return fn
 
@@ -98,9 +98,9 @@ def main() -> None:
         t = interleaved_medians({"ours": run_ours(ours_method, svd_rank=RANK, **kw),
                                  "peft": run_peft(peft_method, svd_rank=RANK, **kw)},
                                 repeats, warmup=warmup)
-        combine_adapters(ours, ["a", "b"], WEIGHTS, "new", combination_type=ours_method,
+        combine_adapters(ours, ["one", "two"], WEIGHTS, "new", combination_type=ours_method,
                          svd_rank=RANK, **kw)
-        theirs.add_weighted_adapter(["a", "b"], WEIGHTS, "new", combination_type=peft_method,
+        theirs.add_weighted_adapter(["one", "two"], WEIGHTS, "new", combination_type=peft_method,
                                     svd_rank=RANK, **kw)
         errors[f"loracore {ours_method}, r={RANK}"] = relative_error(lora_layers(ours), "new", ours_method)
         errors[f"PEFT {peft_method}, r={RANK}"] = relative_error(peft_layers, "new", ours_method)
@@ -111,10 +111,10 @@ def main() -> None:
                      "loracore": t["ours"], "reference": t["peft"],
                      "reference_name": f"PEFT add_weighted_adapter({peft_method})", "unit": "s",
                      "ratio": t["ours"] / t["peft"], "target": target})
-    theirs.add_weighted_adapter(["a", "b"], WEIGHTS, "new", combination_type="svd")
+    theirs.add_weighted_adapter(["one", "two"], WEIGHTS, "new", combination_type="svd")
     errors[f"PEFT svd, default rank {R}"] = relative_error(peft_layers, "new", "linear")
     theirs.delete_adapter("new")
-    theirs.add_weighted_adapter(["a", "b"], WEIGHTS, "new", combination_type="linear")
+    theirs.add_weighted_adapter(["one", "two"], WEIGHTS, "new", combination_type="linear")
     errors["PEFT linear (A and B combined apart)"] = relative_error(peft_layers, "new", "linear")
     theirs.delete_adapter("new")
     notes = ("Relative reconstruction error ||B·A - ΔW*||_F / ||ΔW*||_F over all 210 layers "
