@@ -1,0 +1,131 @@
+"""Checks for lab 04, "merge two task adapters": trim, sign election, disjoint mean, DARE's
+drop-and-rescale and the learner's whole TIES, each against :mod:`loracore.merge`.
+
+The inputs hold the cases where merging code usually goes wrong: exact zeros (they vote for no
+sign), columns where the larger total and the majority of votes disagree, equal totals (a tie
+elects +), and columns where no task agrees with the elected sign (0, not a division by zero).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from loracore import merge as M
+from loracore.selfcheck import Check, ExerciseFailed, call_learner, report
+
+
+def _tasks(seed: int = 0, n: int = 3, shape: tuple[int, ...] = (6, 9)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tasks = [torch.randn(shape, generator=g) for _ in range(n)]
+    tasks[0][0, :3] = torch.tensor([3.0, -1.0, 0.0])  # total + but most votes -
+    tasks[1][0, :3] = torch.tensor([-1.0, 1.0, 0.0])  # a tie in total (0): + is elected
+    tasks[2][0, :3] = torch.tensor([-1.0, 0.0, 0.0])  # an all-zero column
+    return tasks
+
+
+def _tensor(name: str, got: object) -> torch.Tensor:
+    if not isinstance(got, torch.Tensor):
+        raise ExerciseFailed(f"{name} should return a torch.Tensor, got {type(got).__name__}")
+    return got
+
+
+def check_trim(trim: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
+    """Exercise 1: ``trim(t, density)`` keeps the top ``int(density * numel)`` by magnitude."""
+    t = _tasks()[0]
+    checks = []
+    for density in (0.2, 0.5, 0.9):
+        got = _tensor("trim", call_learner(trim, t.clone(), density))
+        want = M.prune(t, density, "magnitude")
+        kept = int((got != 0).sum()) if got.shape == t.shape else -1
+        checks.append(Check.close(f"density {density}: the {int(density * t.numel())} largest |t| kept, "
+                                  f"the rest zero", got, want, atol=0, rtol=0,
+                                  hint=f"kept {kept} entries. Rank |t| over the whole tensor "
+                                       f"(t.abs().flatten().topk(k)), k = int(density * t.numel()), "
+                                       f"and keep the original signed values there."))
+    small = torch.tensor([0.5, -2.0, 1.0, -0.1])
+    checks.append(Check.close("the docstring example [0.5, -2, 1, -0.1] at 0.5 -> [0, -2, 1, 0]",
+                              call_learner(trim, small.clone(), 0.5), torch.tensor([0.0, -2.0, 1.0, 0.0]),
+                              atol=0, rtol=0, hint="-2 has the largest magnitude: keep it, sign and all."))
+    report("trim", checks)
+
+
+def check_elect(elect: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Exercise 2: ``elect(stacked)`` -> bool mask of entries agreeing with the sign of the sum."""
+    stacked = torch.stack(_tasks())
+    got = _tensor("elect", call_learner(elect, stacked.clone()))
+    want = M.calculate_majority_sign_mask(stacked, "total")
+    checks = [
+        Check.equal("a bool mask of shape (n_tasks, *S)", (got.dtype, tuple(got.shape)),
+                    (torch.bool, tuple(stacked.shape)),
+                    hint="Compare the tasks' signs with the elected sign: `signs == elected` is bool."),
+    ]
+    if checks[0].passed:
+        col = got[:, 0, :3].tolist()
+        checks += [
+            Check.equal("column with values 3, -1, -1: the total (+1) elects +, so only task 0 agrees",
+                        [row[0] for row in col], [True, False, False],
+                        hint="Elect by the sign of the SUM over tasks (dim 0), not by counting votes."),
+            Check.equal("column -1, 1, 0: the sum is 0, a tie elects +", [row[1] for row in col],
+                        [False, True, False], hint="Use `sum >= 0` for + so that ties go to +."),
+            Check.equal("column of zeros: a 0 agrees with no sign", [row[2] for row in col],
+                        [False, False, False],
+                        hint="Compare t.sign() (which is 0 for 0) with the elected ±1, never >= 0."),
+            Check.close("every entry", got.int(), want.int(), atol=0, rtol=0),
+        ]
+    report("elect", checks)
+
+
+def check_disjoint_mean(disjoint_mean: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Exercise 3: ``disjoint_mean(stacked, mask)`` -> the mean over agreeing tasks only."""
+    stacked = torch.stack(_tasks())
+    mask = M.calculate_majority_sign_mask(stacked)
+    got = _tensor("disjoint_mean", call_learner(disjoint_mean, stacked.clone(), mask.clone()))
+    want = M.disjoint_merge(stacked, mask)
+    report("disjoint_mean", [
+        Check.equal("shape: one tensor like a single task", tuple(got.shape), tuple(want.shape),
+                    hint="Sum over dim 0 (the task axis)."),
+        Check.true("no NaN where no task agrees (0 instead)", bool(torch.isfinite(got).all()),
+                   "all finite", f"{int((~torch.isfinite(got)).sum())} non-finite entries",
+                   hint="Divide by the count of agreeing tasks clamped to at least 1."),
+        Check.close("the mean of the agreeing entries", got, want,
+                    hint="(stacked * mask).sum(0) / mask.sum(0).clamp(min=1): zeros and "
+                         "disagreeing entries must not dilute the mean."),
+    ])
+
+
+def check_drop_and_rescale(drop_and_rescale: Callable[..., torch.Tensor]) -> None:
+    """Exercise 4: ``drop_and_rescale(t, density, generator)``: DARE, drawn like PEFT."""
+    t = _tasks()[0]
+    got = _tensor("drop_and_rescale", call_learner(drop_and_rescale, t.clone(), 0.3,
+                                                   torch.Generator().manual_seed(7)))
+    want = M.prune(t, 0.3, "random", rescale=True, generator=torch.Generator().manual_seed(7))
+    big = torch.full((200, 200), 2.0)
+    mean = call_learner(drop_and_rescale, big, 0.25, torch.Generator().manual_seed(1)).mean().item()
+    kept = got[got != 0] / t[got != 0] if got.shape == t.shape else torch.tensor([])
+    report("drop_and_rescale", [
+        Check.true("survivors are divided by density", bool(kept.numel() and torch.allclose(kept, torch.full_like(kept, 1 / 0.3))),
+                   f"every kept entry = t / 0.3 = {1 / 0.3:.3f} · t",
+                   f"ratios {sorted({round(v, 3) for v in kept.tolist()})[:4]}",
+                   hint="Multiply by the 0/1 mask, then divide by density."),
+        Check.true("the expected value is kept: a tensor of 2.0 at density 0.25 averages about 2",
+                   abs(mean - 2.0) < 0.1, "mean within 0.1 of 2.0", f"{mean:.3f}"),
+        Check.close("the same mask as loracore/PEFT from the same generator", got, want, atol=0, rtol=0,
+                    hint="Draw the mask with torch.bernoulli(torch.full_like(t, density), "
+                         "generator=generator): one draw per entry, in that way, so the random "
+                         "stream matches."),
+    ])
+
+
+def check_ties(my_ties: Callable[..., torch.Tensor]) -> None:
+    """Exercise 5: ``my_ties(task_tensors, weights, density)`` equals ``loracore.merge.ties``."""
+    tasks = _tasks(seed=3)
+    checks = []
+    for weights, density in (([1.0, 1.0, 1.0], 0.5), ([0.7, -0.4, 1.3], 0.3), ([1.0, 0.5, 2.0], 1.0)):
+        got = _tensor("my_ties", call_learner(my_ties, [t.clone() for t in tasks], torch.tensor(weights), density))
+        want = M.ties(tasks, torch.tensor(weights), density)
+        checks.append(Check.close(f"weights {weights}, density {density}", got, want,
+                                  hint="Trim each task, stack, elect on the UNWEIGHTED trimmed stack, "
+                                       "then apply the weights and take the disjoint mean."))
+    report("my_ties", checks)
