@@ -6,7 +6,8 @@
     python tools/nb.py execute NB [NB ...]   run top to bottom in FULL mode, store outputs, clean
     python tools/nb.py make-labs             solutions/labNN_*.ipynb -> labs/labNN_*.ipynb
     python tools/nb.py check-labs            exit 1 if labs/ is out of sync with solutions/
-    python tools/nb.py grade DIR_OR_NB ...   run learners' lab notebooks and report each check
+
+Grading learners' labs is `loracore grade LAB SUBMISSION...` (loracore/grade/), not this tool.
 
 A clean notebook has no execution-count noise (code cells with outputs are numbered
 1, 2, 3 ... in order; cells without outputs have none), no per-cell metadata except
@@ -195,44 +196,13 @@ def execute(path: Path, *, fast: bool = False, timeout: int = 3600) -> Any:
     return nb
 
 
-def grade(paths: list[Path]) -> int:
-    """Execute learners' notebooks (short mode) and print, per notebook, which cells failed."""
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-
-    notebooks = [q for p in paths for q in (sorted(p.glob("*.ipynb")) if p.is_dir() else [p])]
-    worst = 0
-    for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=1800, kernel_name="python3", allow_errors=True,
-                                resources={"metadata": {"path": str(path.parent)}})
-        try:
-            with _environment(LORACORE_FAST="1"):
-                client.execute()
-        except CellExecutionError as exc:  # pragma: no cover - allow_errors keeps going
-            print(f"{path}: kernel error {exc}")
-            worst = 1
-            continue
-        failures = []
-        for i, cell in enumerate(nb.cells):
-            for out in cell.get("outputs", []):
-                if out.output_type == "error":
-                    failures.append(f"cell {i}: {out.ename}: {out.evalue.splitlines()[0] if out.evalue else ''}")
-        status = "PASS" if not failures else f"FAIL ({len(failures)} cells)"
-        print(f"{path}: {status}")
-        for f in failures:
-            print(f"    {f}")
-        worst = max(worst, 1 if failures else 0)
-    return worst
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["clean", "check", "execute", "make-labs",
-                                            "check-labs", "grade"])
+                                            "check-labs"])
     parser.add_argument("paths", nargs="*", type=Path)
     args = parser.parse_args(argv)
     paths = [p.resolve() for p in args.paths] or all_notebooks()
@@ -272,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         for lab in extra:
             print(f"{lab.relative_to(ROOT)} has no solution notebook in solutions/")
         return 1 if stale or extra else 0
-    if args.command == "grade":
-        return grade(paths)
     return 2  # pragma: no cover
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loracore.surgery import inject, trainable_parameters
-from loracore.selfcheck import Check, ExerciseFailed, call_learner, report
+from loracore.selfcheck import Check, ExerciseFailed, call_learner, exercise, report
 
 
 def _inputs(seed: int = 0, d_in: int = 12, d_out: int = 10, r: int = 3):
@@ -29,6 +29,7 @@ def _nonzero_B(layer: nn.Module, seed: int = 1) -> None:
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
 
 
+@exercise(points=2)
 def check_lora_forward(lora_forward: Callable[..., torch.Tensor]) -> None:
     """Exercise 1: ``lora_forward(x, W, b, A, B, scaling)``."""
     x, W, b, A, B = _inputs()
@@ -43,6 +44,7 @@ def check_lora_forward(lora_forward: Callable[..., torch.Tensor]) -> None:
     ])
 
 
+@exercise(points=3)
 def check_lora_layer(LoRALayer: type) -> None:
     """Exercise 2: ``LoRALayer(base: nn.Linear, r, lora_alpha)`` with ``lora_A``, ``lora_B``, ``scaling``."""
     torch.manual_seed(0)
@@ -86,6 +88,7 @@ def check_lora_layer(LoRALayer: type) -> None:
     report("LoRALayer", checks)
 
 
+@exercise(points=2)
 def check_merge(MergeableLoRALayer: type) -> None:
     """Exercise 3: ``merge()`` and ``unmerge()`` with a ``merged`` flag; a second merge raises."""
     torch.manual_seed(0)
@@ -126,6 +129,7 @@ def check_merge(MergeableLoRALayer: type) -> None:
     ])
 
 
+@exercise(points=2)
 def check_inject(inject_lora: Callable[..., nn.Module], LayerClass: type) -> None:
     """Exercise 4: ``inject_lora(model, target_names, r, lora_alpha)`` on the tiny Qwen2."""
     from loracore.models import load_base_model
@@ -154,6 +158,7 @@ def check_inject(inject_lora: Callable[..., nn.Module], LayerClass: type) -> Non
     ])
 
 
+@exercise(points=1)
 def check_loss_fell(losses: list[float], model: nn.Module, base_weights: dict[str, torch.Tensor]) -> None:
     """Exercise 5: the training loop lowered the loss and left every base weight untouched."""
     def original_name(name: str) -> str:  # a wrapped layer keeps its base weight under .base / .base_layer

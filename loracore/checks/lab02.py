@@ -15,10 +15,11 @@ from loracore.data import IGNORE_INDEX, collate
 from loracore.evaluate import answers_match, generate_answers
 from loracore.surgery import inject
 from loracore.models import load_base_model
-from loracore.selfcheck import Check, call_learner, report
+from loracore.selfcheck import Check, call_learner, exercise, report
 from loracore.train import causal_lm_loss
 
 
+@exercise(points=3)
 def check_mask_and_pad(mask_and_pad: Callable[..., dict[str, torch.Tensor]]) -> None:
     """``mask_and_pad(examples, pad_id)`` with ``examples = [(prompt_ids, answer_ids), ...]``."""
     examples = [([7, 8, 9], [10, 11]), ([5], [6, 2]), ([1, 2, 3, 4], [9])]
@@ -55,6 +56,7 @@ def _tiny_lora(seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@exercise(points=3)
 def check_training_step(training_step: Callable[..., float]) -> None:
     """``training_step(model, batch, optimizer) -> float`` (one step, gradient clipped to 1.0)."""
     model = _tiny_lora()
@@ -103,6 +105,7 @@ def check_training_step(training_step: Callable[..., float]) -> None:
     ])
 
 
+@exercise(points=4)
 def check_evaluate_loop(evaluate_loop: Callable[..., list[dict[str, Any]]]) -> None:
     """``evaluate_loop(model, tokenizer, conversations, max_new_tokens) -> list of dicts``."""
     model, tokenizer = load_base_model("tiny-qwen2")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from loracore.nf4 import nf4_code
-from loracore.selfcheck import Check, call_learner, report
+from loracore.selfcheck import Check, call_learner, exercise, report
 
 
 def _bnb():
@@ -47,6 +47,7 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__}: {x!r}"[:120]
 
 
+@exercise(points=1)
 def check_nf4_code_book(nf4_code_book: Callable[[], torch.Tensor]) -> None:
     """Exercise 1: ``nf4_code_book() -> (16,)`` float32, sorted, from normal quantiles."""
     got = call_learner(nf4_code_book)
@@ -73,6 +74,7 @@ def check_nf4_code_book(nf4_code_book: Callable[[], torch.Tensor]) -> None:
     report("nf4_code_book", checks)
 
 
+@exercise(points=2)
 def check_quantize_blocks(quantize_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Exercise 2: ``quantize_blocks(w: (n,), code, blocksize) -> (indices (n,), absmax (n/bs,))``."""
     checks = []
@@ -109,6 +111,7 @@ def check_quantize_blocks(quantize_blocks: Callable[..., tuple[torch.Tensor, tor
     report("quantize_blocks", checks)
 
 
+@exercise(points=2)
 def check_pack(pack_nibbles: Callable[[torch.Tensor], torch.Tensor],
                unpack_nibbles: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """Exercise 3: ``pack_nibbles(indices (n,)) -> (n/2,) uint8`` and its inverse."""
@@ -134,6 +137,7 @@ def check_pack(pack_nibbles: Callable[[torch.Tensor], torch.Tensor],
     report("pack_nibbles / unpack_nibbles", checks)
 
 
+@exercise(points=2)
 def check_dequantize(dequantize_blocks: Callable[..., torch.Tensor]) -> None:
     """Exercise 4: ``dequantize_blocks(packed, absmax, code, blocksize, shape) -> tensor``."""
     checks = []
@@ -152,6 +156,7 @@ def check_dequantize(dequantize_blocks: Callable[..., torch.Tensor]) -> None:
     report("dequantize_blocks", checks)
 
 
+@exercise(points=2)
 def check_double_quantize(double_quantize: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                           double_dequantize: Callable[..., torch.Tensor]) -> None:
     """Exercise 5: ``double_quantize(absmax) -> (q8 uint8, absmax2 float32, offset)`` and back."""
@@ -193,6 +198,7 @@ def check_double_quantize(double_quantize: Callable[..., tuple[torch.Tensor, tor
     report("double_quantize", checks)
 
 
+@exercise(points=1)
 def check_full_pipeline(packed: torch.Tensor, q8: torch.Tensor, weight: torch.Tensor) -> None:
     """Exercise 6: the learner's bytes for a real weight against ``quantize_4bit`` with double quant."""
     ref_packed, state, _ = _bnb_reference(weight.reshape(-1).float(), 64, double_quant=True)

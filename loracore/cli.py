@@ -1,0 +1,114 @@
+"""The ``loracore`` command: one subcommand per task (today ``grade``).
+
+A subcommand is a module-level ``add_NAME(subparsers)`` that declares its arguments and sets
+``func``, the function that runs it and returns the exit status; :data:`SUBCOMMANDS` lists
+them. A new one (``finetune``, ``serve``) is one more such function and one more entry.
+
+    loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_grade(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "grade", help="grade learners' lab notebooks in bulk",
+        description="Grade learners' lab notebooks: the checks and every cell a learner may not "
+                    "change are restored from the course's copy of the lab, each notebook runs in "
+                    "its own sandboxed kernel in the short mode, and points come from the checks' "
+                    "own verdicts. Writes a gradebook (CSV), a summary (Markdown + PNG chart) and, "
+                    "with --feedback, one Markdown file per learner.")
+    p.add_argument("lab", help="the lab: its name or number (lab01, 01, 1)")
+    p.add_argument("submissions", nargs="+", metavar="SUBMISSION",
+                   help="a notebook, or a folder searched recursively for notebooks")
+    p.add_argument("--out", type=Path, default=Path("gradebook.csv"),
+                   help="the gradebook CSV (default gradebook.csv); the summary goes next to it "
+                        "as .md and the chart as .png")
+    p.add_argument("--feedback", type=Path, metavar="DIR",
+                   help="write one Markdown file per learner here")
+    p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                   help="time limit per notebook, kernel start included (default 600)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="notebooks graded at once, each in its own process (default 1)")
+    p.add_argument("--memory", type=_positive_int, default=6144, metavar="MB",
+                   help="memory limit of each notebook's kernel, in MB (default 6144)")
+    p.add_argument("--labs", type=Path, default=None, metavar="DIR",
+                   help="where the course's lab notebooks are (default: the course's labs/)")
+    p.set_defaults(func=run_grade)
+
+
+def run_grade(args: argparse.Namespace) -> int:
+    import os
+
+    from loracore.grade import LABS_DIR, Limits, grade
+    from loracore.grade.gradebook import summary_markdown, write_chart, write_csv, write_feedback
+
+    limits = Limits(timeout=args.timeout, memory_mb=args.memory,
+                    threads=max(1, (os.cpu_count() or 1) // args.jobs))
+
+    def progress(done: int, total: int, r) -> None:  # type: ignore[no-untyped-def]
+        print(f"[{done}/{total}] {r.submission}: {r.total():g} points ({r.status}, {r.seconds:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    try:
+        lab, results = grade(args.lab, args.submissions, jobs=args.jobs, limits=limits,
+                             labs_dir=args.labs or LABS_DIR, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not results:
+        print("error: loracore grade: no .ipynb file in the submissions given", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, lab, results)
+    chart = out.with_suffix(".png")
+    write_chart(chart, lab, results)
+    out.with_suffix(".md").write_text(summary_markdown(lab, results, chart.name), encoding="utf-8")
+    if args.feedback:
+        write_feedback(args.feedback, lab, results)
+    ok = sum(r.status == "ok" for r in results)
+    print(f"graded {len(results)} submission(s) of lab {lab.number} ({ok} ran to the end): {out}, "
+          f"{out.with_suffix('.md')}, {chart}" + (f", feedback in {args.feedback}" if args.feedback else ""))
+    return 0
+
+
+#: Each adds one subcommand to the parser.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loracore", description="loracore's command line.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``loracore`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Grade one submission: restore it, run it in a fresh sandboxed kernel, read the checks' verdicts.
+
+:func:`grade_one` never raises for anything a submission does: every failure becomes a status
+and a reason in its :class:`Result`. ``python -m loracore.grade.run`` runs it for one job given
+as JSON on stdin and prints the result as JSON (the batch runs each in its own process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+from loracore.grade.labs import Lab, find_lab
+from loracore.grade.restore import NotGradable, read_submission, restore
+
+#: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
+COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+#: The short mode, offline, as `make test` runs the labs.
+SHORT_MODE = {"LORACORE_FAST": "1", "LORACORE_BASE_MODEL": "smollm2-135m", "HF_HUB_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+
+
+def model_cache_lock() -> Path:
+    """The lock file every load of the offline model opens for writing.
+
+    The same path as ``loracore.models.cache_root() / ".smollm2.lock"`` (a test keeps them in
+    step), without importing torch into every grading process.
+    """
+    env = os.environ.get("LORACORE_CACHE", "").strip()
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
+    return root / ".smollm2.lock"
+
+
+@dataclass
+class Limits:
+    """What one submission may use."""
+
+    timeout: float = 600.0        # seconds for the whole notebook, kernel start included
+    memory_mb: int = 6144         # the kernel's address space (RLIMIT_AS)
+    output_kb: int = 1024         # all outputs together; the rest is dropped
+    threads: int = 1              # torch / OpenMP threads in the kernel
+
+
+@dataclass
+class Verdict:
+    """What the checks of one exercise decided (merged over the calls in its check cells)."""
+
+    passed: bool
+    failed: list[dict[str, str]] = field(default_factory=list)  # the checks that failed
+    error: str = ""                                              # why, when no check says it
+
+
+@dataclass
+class Result:
+    """One submission's row of the gradebook, and what its feedback file says."""
+
+    submission: str
+    status: str
+    reason: str = ""
+    points: dict[str, float] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # cells that raised, outside the checks
+    seconds: float = 0.0
+
+    def total(self) -> float:
+        return sum(self.points.values())
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "Result":
+        verdicts = {k: Verdict(**v) for k, v in data.pop("verdicts", {}).items()}
+        return Result(**data, verdicts=verdicts)
+
+
+def _sandbox_manager(argv: list[str]) -> type:
+    """A kernel manager class whose kernels start through :mod:`loracore.grade.sandbox`."""
+    from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.manager import AsyncKernelManager
+
+    class SandboxKernelManager(AsyncKernelManager):
+        @property
+        def kernel_spec(self) -> KernelSpec:  # the same Python, the grader's limits
+            return KernelSpec(argv=argv, display_name="loracore grade", language="python",
+                              resource_dir=str(COURSE_ROOT))
+
+    return SandboxKernelManager
+
+
+def _client(nb: nbformat.NotebookNode, workdir: Path, limits: Limits) -> Any:
+    """An nbclient that caps outputs and starts the sandboxed kernel."""
+    from nbclient import NotebookClient
+
+    argv = [sys.executable, "-m", "loracore.grade.sandbox", "--workdir", str(workdir),
+            "--memory-mb", str(limits.memory_mb), "--writable", str(model_cache_lock()),
+            "-f", "{connection_file}"]
+
+    class CappedClient(NotebookClient):
+        budget = limits.output_kb * 1024
+        dropped = 0
+
+        def output(self, outs, msg, display_id, cell_index):  # type: ignore[no-untyped-def]
+            size = len(json.dumps(msg.get("content", {}), default=str))
+            if size > self.budget:
+                self.dropped += size
+                return None
+            self.budget -= size
+            return super().output(outs, msg, display_id, cell_index)
+
+    return CappedClient(nb, timeout=int(limits.timeout), allow_errors=True, kernel_name="python3",
+                        kernel_manager_class=_sandbox_manager(argv), shutdown_kernel="immediate",
+                        iopub_timeout=10, resources={"metadata": {"path": str(workdir)}})
+
+
+def _kernel_env(workdir: Path, verdicts: Path, limits: Limits) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONSTARTUP", "JPY_"))}
+    env.update(SHORT_MODE)
+    threads = str(max(1, limits.threads))
+    env.update({
+        "LORACORE_VERDICTS": str(verdicts),
+        "PYTHONPATH": os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
+        "TMPDIR": str(workdir / "tmp"), "IPYTHONDIR": str(workdir / ".ipython"),
+        "MPLCONFIGDIR": str(workdir / ".matplotlib"), "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+    })
+    for sub in ("tmp", ".ipython", ".matplotlib"):
+        (workdir / sub).mkdir()
+    return env
+
+
+def _first_error(cell: nbformat.NotebookNode) -> str:
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "error":
+            value = (out.get("evalue") or "").strip().splitlines()
+            return f"{out.get('ename')}: {value[0] if value else ''}"[:300]
+    return ""
+
+
+def _merge(verdicts: dict[str, Verdict], record: dict[str, Any]) -> None:
+    """An exercise passes only if every call of its check in a check cell passed."""
+    name = record["exercise"]
+    old = verdicts.get(name)
+    passed = bool(record.get("passed")) and (old is None or old.passed)
+    failed = (old.failed if old else []) + list(record.get("failed") or [])
+    error = (old.error if old and old.error else "") or str(record.get("error") or "")
+    verdicts[name] = Verdict(passed, failed, error)
+
+
+def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Result) -> None:
+    """Run the restored cells in the sandboxed kernel, filling ``result`` in."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    verdict_file = workdir / ".verdicts.jsonl"
+    env = _kernel_env(workdir, verdict_file, limits)
+    nb = nbformat.v4.new_notebook(cells=[g.cell for g in nb_cells])
+    client = _client(nb, workdir, limits)
+    deadline = time.monotonic() + limits.timeout
+    offset = 0
+    stopped_at: str | None = None
+    cell_errors: dict[str, str] = {}
+
+    def new_records() -> list[dict[str, Any]]:
+        nonlocal offset
+        try:
+            with open(verdict_file, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return []
+        offset += len(data)
+        records = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("exercise"), str):
+                records.append(record)
+        return records
+
+    try:
+        with client.setup_kernel(env=env):
+            for index, graded in enumerate(nb_cells):
+                if graded.cell.cell_type != "code":
+                    continue
+                client.timeout = max(1, int(deadline - time.monotonic()))
+                if deadline - time.monotonic() <= 0:
+                    raise CellTimeoutError("the notebook's time is up")
+                client.execute_cell(graded.cell, index)
+                records = new_records()
+                if _first_error(graded.cell) and not graded.checks:
+                    result.errors.append(f"{'your' if graded.origin == 'learner' else 'the lab'}'s "
+                                         f"cell {index + 1} ({graded.cell.source.strip().splitlines()[0][:60]!r}): "
+                                         f"{_first_error(graded.cell)}")
+                if _first_error(graded.cell).startswith("SystemExit"):
+                    # sys.exit / exit(): the learner asked the notebook to stop, as a script would
+                    result.status = "exited"
+                    stopped_at = f"cell {index + 1} called sys.exit() and the rest did not run"
+                if graded.origin == "course":  # only the course's check cells can grade
+                    for record in records:
+                        if record["exercise"] in graded.checks:
+                            _merge(result.verdicts, record)
+                    for name in graded.checks:
+                        if name not in result.verdicts and _first_error(graded.cell):
+                            cell_errors.setdefault(name, _first_error(graded.cell))
+                if result.status == "exited":
+                    break
+    except CellTimeoutError:
+        result.status = "timeout"
+        stopped_at = f"the notebook ran past its {limits.timeout:g} s limit"
+    except DeadKernelError:
+        result.status = "crashed"
+        stopped_at = "the kernel died (os._exit, a crash, or the memory limit) and the rest did not run"
+    except Exception as exc:  # the kernel would not start, or nbclient gave up
+        result.status = "crashed"
+        stopped_at = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        if client.km is not None and client.km.has_kernel:
+            try:
+                client._cleanup_kernel()
+            except Exception:
+                pass
+        if getattr(client, "km", None) is not None:
+            pgid = getattr(getattr(client.km, "provisioner", None), "pgid", None)
+            if pgid:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)  # anything the learner started in the kernel
+                except OSError:
+                    pass
+    for e in lab.exercises:
+        if e.name not in result.verdicts:
+            why = cell_errors.get(e.name) or stopped_at or "its check cell did not report a verdict"
+            result.verdicts[e.name] = Verdict(False, [], f"the check did not run to a verdict: {why}")
+    notes = [stopped_at] if stopped_at else []
+    mem = [c for c in nb.cells if _first_error(c).startswith("MemoryError")
+           or "DefaultCPUAllocator" in _first_error(c)]
+    if mem:
+        notes.append(f"{len(mem)} cell(s) hit the {limits.memory_mb} MB memory limit")
+    if client.dropped:
+        notes.append(f"output past {limits.output_kb} kB dropped")
+    result.reason = "; ".join(filter(None, [result.reason, *notes]))
+
+
+def grade_one(path: str, lab: Lab, limits: Limits) -> Result:
+    """Grade the submission at ``path`` for ``lab``; the file itself is only read."""
+    start = time.monotonic()
+    result = Result(path, "ok", points={e.name: 0.0 for e in lab.exercises})
+    workdir = Path(tempfile.mkdtemp(prefix="loracore-grade-"))
+    try:
+        data = Path(path).read_bytes()
+        learner = read_submission(data, lab)
+        restored = restore(learner, lab, lab.notebook())
+        notes = []
+        if restored.restored:
+            notes.append(f"{restored.restored} lab cell(s) changed or deleted by the learner, restored")
+        result.reason = "; ".join(notes)
+        _execute(restored.cells, lab, workdir, limits, result)
+    except NotGradable as exc:
+        result.status, result.reason = exc.status, exc.reason
+    except OSError as exc:
+        result.status, result.reason = "unreadable", f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for e in lab.exercises:
+        v = result.verdicts.get(e.name)
+        result.points[e.name] = e.points if v is not None and v.passed else 0.0
+    result.seconds = round(time.monotonic() - start, 2)
+    return result
+
+
+def main() -> None:
+    """``python -m loracore.grade.run`` < job.json: grade one submission, print the result."""
+    job = json.loads(sys.stdin.read())
+    lab = find_lab(job["lab"], Path(job["labs_dir"]))
+    result = grade_one(job["path"], lab, Limits(**job["limits"]))
+    sys.stdout.write("\n" + json.dumps(asdict(result)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
