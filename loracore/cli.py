@@ -1,10 +1,11 @@
-"""The ``loracore`` command: one subcommand per task (today ``grade``).
+"""The ``loracore`` command: one subcommand per task (``grade``, ``finetune``).
 
 A subcommand is a module-level ``add_NAME(subparsers)`` that declares its arguments and sets
 ``func``, the function that runs it and returns the exit status; :data:`SUBCOMMANDS` lists
 them. A new one (``finetune``, ``serve``) is one more such function and one more entry.
 
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
+    loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
 """
 
 from __future__ import annotations
@@ -92,8 +93,20 @@ def run_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    from loracore.finetune import add_arguments, run_command
+
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a LoRA adapter on a chat JSONL file (torchrun for many processes)",
+        description="Fine-tune a LoRA adapter on chat-format JSONL and save it in PEFT's format, "
+                    "with checkpoints to resume from. Under torchrun each process takes its share "
+                    "of every global batch (spell the rank --rank there).")
+    add_arguments(p)
+    p.set_defaults(func=run_command)
+
+
 #: Each adds one subcommand to the parser.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade, add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -396,10 +396,14 @@ def _finish(model, args: argparse.Namespace, tokenizer, history: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m loracore.finetune`` (and ``loracore finetune``)."""
+    """Entry point of ``python -m loracore.finetune``; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="loracore finetune", description=__doc__.split("\n")[0].strip("`: ")))
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run, turning a refusal into one line on stderr (from rank 0 only) and exit status 2."""
     try:
         run(args)
     except (FinetuneError, DataError) as exc:

@@ -245,3 +245,16 @@ def test_unknown_model_is_refused(tmp_path, capsys):
     args = [a if a != "tiny-qwen2" else "no-such-model" for a in COMMON]
     assert finetune.main([*args, "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
     assert "neither a course model" in capsys.readouterr().err
+
+
+def test_the_loracore_command_runs_it(tmp_path):
+    """`loracore finetune` (here as `python -m loracore`) is the same command."""
+    done = subprocess.run([sys.executable, "-m", "loracore", "finetune", *COMMON, "--out",
+                           str(tmp_path / "o"), "--steps", "1"], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "loracore", "finetune", *COMMON, "--out",
+                          str(tmp_path / "o"), "--steps", "1"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "already holds an earlier run" in bad.stderr
