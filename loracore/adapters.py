@@ -15,10 +15,10 @@ means something on that exact base, so loading onto another is refused, and so i
 no longer matches its weights (an interrupted save, or a hand-edited ``lora_alpha``).
 Only safetensors are read: a pickle file (``.bin``, ``.pt``) can run code when loaded.
 
-Saving is crash-safe: both files are written into a fresh hidden sibling folder, synced, then
-swapped in with renames, so a crash or SIGKILL at any moment leaves either the complete previous
-adapter or the complete new one; the next save (or a load that finds no folder) finishes or
-removes what an interrupted swap left. Loading is all-or-nothing: every tensor and config value
+Saving is crash-safe (:mod:`loracore.atomic`): both files are written into a fresh hidden sibling
+folder, synced, then swapped in with renames, so a crash or SIGKILL at any moment leaves either
+the complete previous adapter or the complete new one; the next save (or a load that finds no
+folder) finishes or removes what an interrupted swap left. Loading is all-or-nothing: every tensor and config value
 is checked before the model changes, and a failure half-way leaves the model as it was.
 """
 
@@ -30,9 +30,6 @@ import json
 import os
 import math
 import re
-import shutil
-import stat
-import uuid
 import warnings
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from loracore.atomic import recover, write_folder
 from loracore.layer import LoRALinear, check_adapter_args, is_float_linear
 from loracore.surgery import all_or_nothing, inject, linear_layer_names, lora_layers
 
@@ -130,105 +128,6 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-# ---- crash-safe saving ---------------------------------------------------------------------
-# A save of folder F writes .F.loracore-tmp-<id> (both files, synced), renames it to
-# .F.loracore-new-<id> (now known complete), renames F aside to .F.loracore-old-<id>, renames
-# the new folder to F, and removes the old one. Whatever moment a crash hits, F or one of the
-# hidden siblings holds a complete adapter, and _recover() knows which.
-_STAGES = ("new-complete", "old-aside", "new-in-place")
-
-
-def _checkpoint(stage: str) -> None:
-    """Marks a stage of :func:`save_adapter` (a no-op; the crash tests kill the process here)."""
-
-
-def _leftovers(folder: Path) -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.loracore-(tmp|new|old)-[0-9a-f]{{32}}")
-    if folder.parent.is_dir():
-        for entry in folder.parent.iterdir():
-            m = pattern.fullmatch(entry.name)
-            if m:
-                found[m.group(1)].append(entry)
-    return found
-
-
-def _recover(folder: Path) -> None:
-    """Finish or undo an interrupted save of ``folder`` and remove its hidden leftovers: if the
-    folder is missing, the complete new adapter (else the previous one) takes its place."""
-    left = _leftovers(folder)
-    if not folder.exists():
-        for complete in left["new"] + left["old"]:
-            os.rename(complete, folder)
-            _fsync_dir(folder.parent)
-            break
-    for entry in left["tmp"] + left["new"] + left["old"]:
-        if entry.exists():
-            shutil.rmtree(entry)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if os.path.islink(src):
-        os.symlink(os.readlink(src), dst)
-        return
-    try:
-        os.link(src, dst)  # the same bytes, no copy
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _write_folder(folder: Path, write_files) -> None:
-    """Replace ``folder`` by a new one made by ``write_files(tmp)``, atomically as seen by a
-    reader (see above). Other entries a user keeps in the folder carry over (hard links)."""
-    token = uuid.uuid4().hex
-    tmp = folder.parent / f".{folder.name}.loracore-tmp-{token}"
-    new = folder.parent / f".{folder.name}.loracore-new-{token}"
-    old = folder.parent / f".{folder.name}.loracore-old-{token}"
-    os.mkdir(tmp)
-    try:
-        write_files(tmp)
-        if folder.exists():
-            os.chmod(tmp, stat.S_IMODE(folder.stat().st_mode))
-            for entry in folder.iterdir():
-                if entry.name in (WEIGHTS_NAME, CONFIG_NAME):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(entry), str(tmp / entry.name))
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, new)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(folder.parent)
-    _checkpoint("new-complete")
-    try:
-        if folder.exists():
-            os.rename(folder, old)
-            _checkpoint("old-aside")
-        os.rename(new, folder)
-    except BaseException:  # still running (not killed): put the previous folder back now
-        if not folder.exists() and old.exists():
-            os.rename(old, folder)
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    _fsync_dir(folder.parent)
-    _checkpoint("new-in-place")
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
@@ -295,9 +194,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(config_text)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _recover(folder)
-    _write_folder(folder, write_files)
+    write_folder(folder, write_files)
     return folder
 
 
@@ -314,7 +211,7 @@ def _adapter_folder(path: Path) -> Path:
                              f"those two names, never another file from the folder)")
         return path.parent
     if not path.exists():
-        _recover(path)  # an interrupted save may have left the adapter in a hidden sibling
+        recover(path)  # an interrupted save may have left the adapter in a hidden sibling
     if not path.is_dir():
         raise FileNotFoundError(f"load_adapter: no adapter folder at {path}")
     return path

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from loracore.checkpoint import (CheckpointError, atomic_write_text, read_checkpoint,
-                                 write_checkpoint)
+from loracore.atomic import atomic_write_text
+from loracore.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from loracore.data import DataError, collate, load_chat_jsonl, pad_token_id, tokenize_chat
 from loracore.train import causal_lm_loss, lr_schedule
 

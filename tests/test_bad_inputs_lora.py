@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import loracore.adapters as adapters
+import loracore.atomic as atomic
 import loracore.surgery as surgery
 from loracore.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from loracore.layer import LoRALinear
@@ -607,9 +608,10 @@ CHILD = textwrap.dedent("""
             real(tensors, filename, metadata=metadata); die()
         adapters.save_file = then_die
     else:  # one of the swap's stages
-        adapters._checkpoint = lambda s: die() if s == stage else None
+        import loracore.atomic as atomic
+        atomic._stage = lambda s: die() if s == stage else None
 """) + textwrap.dedent(inspect.getsource(sigkill_model)) + "adapters.save_adapter(sigkill_model(seed), folder)\n"
-STAGES = ["mid-weights", "after-weights", *adapters._STAGES]
+STAGES = ["mid-weights", "after-weights", *atomic.STAGES]
 
 
 def B_of(model: nn.Module) -> list[torch.Tensor]:
@@ -648,7 +650,7 @@ def test_save_interrupted_between_the_renames_puts_the_old_folder_back(trained, 
         if stage == "old-aside":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapters, "_checkpoint", interrupt)
+    monkeypatch.setattr(atomic, "_stage", interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(trained, saved)
     assert tree(tmp_path) == files

@@ -119,31 +119,32 @@ def test_model_from_a_local_folder_and_qlora(tmp_path):
 # ---- resume -------------------------------------------------------------------------------
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import loracore.checkpoint as ck
+    import loracore.atomic as atomic
     import loracore.finetune as ft
     where, at = sys.argv[1], int(sys.argv[2])
-    if where == "after-checkpoint":
+    if where == "after-checkpoint":  # the checkpoint of step `at` is written, then the kill
         original = ft._save_checkpoint
         def save(*args, **kwargs):
             original(*args, **kwargs)
             if args[5]["step"] == at:
                 os.kill(os.getpid(), signal.SIGKILL)
         ft._save_checkpoint = save
-    else:  # mid-write: the old checkpoint is renamed aside, the new one not yet in place
-        original_replace = ck.os.replace
-        calls = []
-        def replace(src, dst):
-            original_replace(src, dst)
-            calls.append(dst)
-            if str(dst).endswith("checkpoint.old") and len(calls) >= at:
+    else:  # killed inside a checkpoint write, the `at`-th time it reaches stage `where`
+        seen = []
+        def stage(name):
+            seen.append(name)
+            if seen.count(where) == at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        ck.os.replace = replace
+        atomic._stage = stage
     sys.exit(ft.main(sys.argv[3:]))
 """)
 
 
-@pytest.mark.parametrize("where, at, resumes_from", [("after-checkpoint", 4, 4),
-                                                     ("mid-write", 1, 2)])
+@pytest.mark.parametrize("where, at, resumes_from", [
+    ("after-checkpoint", 4, 4),
+    ("new-complete", 2, 2),  # step 4's checkpoint complete but not in place: step 2's is kept
+    ("old-aside", 1, 4),     # step 2's moved aside, step 4's complete: step 4's is taken
+])
 def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path, where, at, resumes_from):
     steps = ["--steps", "6", "--save-every", "2"]
     assert _run(tmp_path / "whole", *steps) == 0
