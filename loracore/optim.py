@@ -42,11 +42,19 @@ FORMAT = 1  # version of the state_dict layout ("paged_adamw" entry)
 
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                   exp_avg_sq: torch.Tensor, *, step: int, lr: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float) -> None:
+                  eps: float, weight_decay: float, lerp: bool = True) -> None:
     """One AdamW update, in place. All tensors ``(n,)`` float32 (any equal shape); ``step``
-    counts from 1. The same arithmetic, in the same order, as bitsandbytes' CPU update."""
-    param.mul_(1.0 - lr * weight_decay)
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    counts from 1.
+
+    ``lerp=True`` moves the mean as ``torch.optim.AdamW`` does (one ``lerp_``: bit-identical to
+    it); ``lerp=False`` as bitsandbytes' CPU update does (``mul_`` then ``add_``), which rounds
+    differently in the last bit, enough to flip an 8-bit code now and then."""
+    if weight_decay != 0:
+        param.mul_(1.0 - lr * weight_decay)
+    if lerp:
+        exp_avg.lerp_(grad, 1.0 - beta1)
+    else:
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1 ** step))
@@ -132,6 +140,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self._pool: PagePool | None = None
         self._layout: dict[torch.Tensor, _Layout] = {}
         self._codes: dict[str, torch.Tensor] = {}
+        self._plans: dict[torch.Tensor, tuple[int, list]] = {}  # cached views, by parameter
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
@@ -197,6 +206,10 @@ class PagedAdamW(torch.optim.Optimizer):
         cuts = sorted(cuts)
         return list(zip(cuts[:-1], cuts[1:]))
 
+    def _views(self, lay: _Layout, a: int, b: int) -> dict[str, torch.Tensor]:
+        return {n: self._pool.view(s, *lay.byte_range(n, a, b)).view(lay.dtype(n))
+                for n, s in lay.segments.items()}
+
     def _update(self, p: torch.Tensor, group: dict[str, Any], lay: _Layout, step: int,
                 resident: bool) -> None:
         pool = self._pool
@@ -205,25 +218,39 @@ class PagedAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyper = dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"])
-        for a, b in self._windows(lay, resident):
-            ranges = {n: lay.byte_range(n, a, b) for n in lay.segments}
-            if not resident:  # bring in this window's pages only
-                pages = [pg for n, s in lay.segments.items() for pg in pool.pages(s, *ranges[n])]
+        if resident:  # the whole state is in: views stay valid until a page moves (epoch)
+            cached = self._plans.get(p)
+            if cached is None or cached[0] != pool.epoch:
+                cached = (pool.epoch, [(a, b, self._views(lay, a, b))
+                                       for a, b in self._windows(lay, True)])
+                self._plans[p] = cached
+            plan = cached[1]
+        else:
+            plan = self._windows(lay, False)
+        for item in plan:
+            if resident:
+                a, b, views = item
+            else:  # bring in this window's pages only
+                a, b = item
+                pages = [pg for n, s in lay.segments.items()
+                         for pg in pool.pages(s, *lay.byte_range(n, a, b))]
                 pool.ensure(pages, keep=set(pages))
-            views = {n: pool.view(s, *ranges[n]).view(lay.dtype(n))
-                     for n, s in lay.segments.items()}
-            target = flat_p[a:b] if data.dtype == torch.float32 else flat_p[a:b].float()
-            grad = flat_g[a:b].float()
+                views = self._views(lay, a, b)
+            whole = a == 0 and b == lay.numel  # skip the slicing in the common case
+            target = flat_p if whole else flat_p[a:b]
+            target = target if data.dtype == torch.float32 else target.float()
+            grad = (flat_g if whole else flat_g[a:b]).float()
             if lay.bits == 32:
                 adamw_update_(target, grad, views["exp_avg"], views["exp_avg_sq"], **hyper)
             else:
                 states = {n: dequantize_blockwise(views[n], views[n + "_absmax"], self._code(n))
                           for n in ("exp_avg", "exp_avg_sq")}
-                adamw_update_(target, grad, states["exp_avg"], states["exp_avg_sq"], **hyper)
+                adamw_update_(target, grad, states["exp_avg"], states["exp_avg_sq"], **hyper,
+                              lerp=False)
                 for n, value in states.items():
                     quantize_blockwise(value, self._code(n), out=views[n],
                                        absmax_out=views[n + "_absmax"])
-            if target.data_ptr() != flat_p[a:b].data_ptr():
+            if data.dtype != torch.float32:
                 flat_p[a:b].copy_(target)
         if data is not p.data:
             p.data.copy_(data)
@@ -258,10 +285,10 @@ class PagedAdamW(torch.optim.Optimizer):
             resident = pool.capacity is None or len(lay.pages) <= pool.capacity
             if resident:
                 pool.ensure(lay.pages)
-                if i + 1 < len(work):  # fetch the next parameter's pages ahead (on CUDA the
+                if pool.capacity is not None and i + 1 < len(work):  # fetch the next parameter's pages ahead (on CUDA the
                     # copies run while this update computes); only if both fit together
                     nxt = self._layout[work[i + 1][1]].pages
-                    if pool.capacity is None or len(set(lay.pages) | set(nxt)) <= pool.capacity:
+                    if len(set(lay.pages) | set(nxt)) <= pool.capacity:
                         pool.ensure(nxt, keep=set(lay.pages), prefetch=True)
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1

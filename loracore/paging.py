@@ -95,6 +95,7 @@ class PagePool:
         self.page_ins = self.page_outs = self.bytes_in = self.bytes_out = 0
         self.prefetched_pages = 0
         self.peak_resident_pages = 0
+        self.epoch = 0  # changes whenever a page changes slot: views handed out are stale
 
     # ---- layout ---------------------------------------------------------------------------
     def allocate(self, nbytes: int) -> Segment:
@@ -131,6 +132,7 @@ class PagePool:
         grown[: self._fast.numel()] = self._fast
         old = self._fast.numel() // self.page_bytes
         self._fast = grown
+        self.epoch += 1
         for s in range(old, slots):
             heapq.heappush(self._free, s)
 
@@ -164,6 +166,7 @@ class PagePool:
         for page in self._slot_of:  # least recently used first
             if page not in keep:
                 slot = self._slot_of.pop(page)
+                self.epoch += 1
                 self._page(self._slow_tier(), page).copy_(self._page(self._fast, slot),
                                                           non_blocking=True)
                 self._on_slow.add(page)
@@ -201,6 +204,7 @@ class PagePool:
             else:
                 dst.zero_()  # a page never written: its state starts at zero
             self._slot_of[page] = slot
+            self.epoch += 1
         self.peak_resident_pages = max(self.peak_resident_pages, len(self._slot_of))
 
     def set_capacity(self, capacity: int | None) -> None:
@@ -256,12 +260,14 @@ class PagePool:
         return self._file if self._dir is not None and not self.closed else None
 
     def stats(self) -> dict:
+        """Counters (see ``PagedAdamW.paging_stats``); ``state_bytes`` is the state laid out,
+        ``pages`` how many pages it spans."""
         return {"page_ins": self.page_ins, "page_outs": self.page_outs,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "resident_bytes": len(self._slot_of) * self.page_bytes,
                 "peak_resident_bytes": self.peak_resident_pages * self.page_bytes,
                 "prefetched_pages": self.prefetched_pages, "page_bytes": self.page_bytes,
-                "state_bytes": self.num_pages * self.page_bytes,
+                "state_bytes": self._cursor, "pages": self.num_pages,
                 "budget_bytes": None if self.capacity is None else self.capacity * self.page_bytes,
                 "offload_file": self.file}
 
@@ -276,6 +282,7 @@ class PagePool:
         self._slot_of.clear()
         self._on_slow.clear()
         self._free = []
+        self.epoch += 1
         if self._finalizer is not None:
             self._finalizer()  # removes the folder now, once
         self.closed = True

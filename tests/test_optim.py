@@ -108,7 +108,7 @@ def test_pages_really_go_to_the_file_and_it_is_removed_on_close(tmp_path):
     run(ps, opt, 2)
     path = opt.paging_stats()["offload_file"]
     assert path is not None and os.path.dirname(os.path.dirname(path)) == str(tmp_path)
-    assert os.path.getsize(path) == opt.paging_stats()["state_bytes"]
+    assert os.path.getsize(path) == opt.paging_stats()["pages"] * 1024
     with open(path, "rb") as f:
         assert any(f.read())  # evicted state is there, not zeros
     opt.close()
