@@ -268,8 +268,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         problems = []
-        for i, (_, p) in enumerate(work):
-            if p.grad.is_sparse or p.grad.layout != torch.strided:
+        for _, p in work:
+            g = p.grad
+            if g.layout == torch.strided and g.is_floating_point() and g.shape == p.shape:
+                continue  # the common case, checked cheaply
+            if g.is_sparse or g.layout != torch.strided:
                 problems.append(f"parameter {tuple(p.shape)} has a sparse gradient")
             elif not p.grad.is_floating_point():
                 problems.append(f"parameter {tuple(p.shape)} has a {p.grad.dtype} gradient")
@@ -283,9 +286,13 @@ class PagedAdamW(torch.optim.Optimizer):
         for i, (group, p) in enumerate(work):
             lay = self._layout[p]
             resident = pool.capacity is None or len(lay.pages) <= pool.capacity
-            if resident:
+            if pool.capacity is None:  # nothing is ever evicted: pages only come in once
+                plan = self._plans.get(p)
+                if plan is None or plan[0] != pool.epoch:
+                    pool.ensure(lay.pages)
+            elif resident:
                 pool.ensure(lay.pages)
-                if pool.capacity is not None and i + 1 < len(work):  # fetch the next parameter's pages ahead (on CUDA the
+                if i + 1 < len(work):  # fetch the next parameter's pages ahead (on CUDA the
                     # copies run while this update computes); only if both fit together
                     nxt = self._layout[work[i + 1][1]].pages
                     if len(set(lay.pages) | set(nxt)) <= pool.capacity:
