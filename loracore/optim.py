@@ -327,6 +327,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Free the state and remove the page file and its folder. Safe to call twice."""
+        self._plans.clear()  # cached views would keep the fast memory alive
         if self._pool is not None:
             self._pool.close()
 
