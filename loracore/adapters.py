@@ -49,7 +49,23 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 METADATA_KEY = "loracore"  # in the safetensors header
 SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
-__all__ = ["save_adapter", "load_adapter", "base_fingerprint", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapter", "load_adapter", "base_fingerprint", "foreign_adapters", "WEIGHTS_NAME",
+           "CONFIG_NAME"]
+
+#: attribute (in the model's ``__dict__``) recording adapters loaded onto a base that is not theirs
+_FOREIGN = "_loracore_foreign_adapters"
+
+
+def foreign_adapters(model: nn.Module) -> dict[str, list[str]]:
+    """Adapters that :func:`load_adapter` loaded with ``strict=False`` onto a base their file's
+    fingerprint does not match: ``{adapter name: [what differs, ...]}`` (empty when none).
+
+    Adapters made in memory (:func:`~loracore.surgery.inject`) or loaded onto their own base are
+    not listed. Operations that mix adapters (:func:`loracore.combine.combine_adapters`) use it
+    to refuse combining task vectors that were learned against different weights."""
+    record = model.__dict__.get(_FOREIGN, {})
+    present = {a for layer in lora_layers(model).values() for a in layer.lora_A}
+    return {name: list(problems) for name, problems in record.items() if name in present}
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -397,9 +413,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             current = base_fingerprint(model, list(pairs))
         except ValueError as e:
             raise ValueError(f"load_adapter: {e}") from None
-        _refuse_or_warn(_compare(saved_fp, current), f"{path} was trained on a different base model",
+        foreign = _compare(saved_fp, current)
+        _refuse_or_warn(foreign, f"{path} was trained on a different base model",
                         "An adapter is tied to its exact base. Pass strict=False to load it anyway.",
                         strict)
+    else:
+        foreign = []
 
     # Layer groups sharing (r, alpha); each group targets exactly its full names.
     groups: dict[tuple[int, float], list[str]] = {}
@@ -421,4 +440,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                 for what in ("lora_A", "lora_B"):
                     weight = getattr(layer, what)[adapter_name].weight
                     weight.copy_(ab[what].to(weight.device, weight.dtype))
+    record = model.__dict__.setdefault(_FOREIGN, {})
+    record.pop(adapter_name, None)
+    if foreign:
+        record[adapter_name] = foreign
     return model

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from loracore import merge as M
+from loracore.adapters import foreign_adapters
 from loracore.layer import LoRALinear
 from loracore.surgery import lora_layers
 
@@ -180,6 +181,13 @@ def _validate(model: nn.Module, adapters: Sequence[str], weights: Sequence[float
     if adapter_name in known:
         raise ValueError(f"{where}: the model already has an adapter named {adapter_name!r}; pick "
                          f"another name or delete_adapter() it first")
+    foreign = foreign_adapters(model)
+    for a in adapters:
+        if a in foreign:
+            raise ValueError(f"{where}: adapter {a!r} was loaded (strict=False) onto a base model it "
+                             f"was not trained on: " + "; ".join(foreign[a]) + ". Its task vector "
+                             f"was learned against other weights, so adding it to the others is "
+                             f"meaningless; load each adapter onto its own base")
     where_is = {a: [n for n, layer in layers.items() if a in layer.lora_A] for a in adapters}
     first = adapters[0]
     for other in adapters[1:]:

@@ -322,6 +322,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     with all_or_nothing(model):
         for layer in layers.values():
             layer.delete_adapter(name)
+    # forget what load_adapter recorded about this adapter's base (loracore.adapters.foreign_adapters)
+    model.__dict__.get("_loracore_foreign_adapters", {}).pop(name, None)
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
@@ -334,6 +336,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
         for name, layer in lora_layers(model).items():
             layer.unmerge()
             _replace(model, name, layer.base_layer)
+        model.__dict__.pop("_loracore_foreign_adapters", None)
         flags = model.__dict__.pop("_loracore_requires_grad", None)
         if flags is not None:
             for n, p in model.named_parameters():

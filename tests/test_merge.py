@@ -388,3 +388,42 @@ def test_lab04_checks_pass_right_answers_and_explain_wrong_ones(capsys):
         raise NotImplementedError("Exercise")
     with pytest.raises(ExerciseFailed, match="not written yet"):
         lab04.check_trim(stub)
+
+
+def test_adapters_from_another_base_are_refused(tiny, tmp_path):
+    """An adapter loaded with strict=False onto a base it was not trained on is recorded, and
+    combining it is refused with the fingerprint's reason; deleting it clears the record."""
+    import warnings
+
+    from loracore.adapters import foreign_adapters, load_adapter
+    from loracore.models import load_base_model
+    from loracore.surgery import delete_adapter
+
+    other = load_base_model("tiny-qwen2", verbose=False)[0]
+    with torch.no_grad():  # a "fine-tuned variant": same shapes, different weights
+        other.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    two_adapters(other)
+    save_adapter(other, tmp_path / "elsewhere", adapter_name="a")
+    save_adapter(other, tmp_path / "also_elsewhere", adapter_name="b")
+
+    model = two_adapters(tiny[0])
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(model, tmp_path / "elsewhere", adapter_name="x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_adapter(model, tmp_path / "elsewhere", adapter_name="x", strict=False)
+    assert list(foreign_adapters(model)) == ["x"] and "hash differently" in foreign_adapters(model)["x"][0]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapter 'x' was loaded \\(strict=False\\) onto a base model it "
+                                         "was not trained on: base weights: the targeted weights hash"):
+        combine_adapters(model, ["a", "x"], [0.5, 0.5], "ax", combination_type="linear")
+    assert same(before, snapshot(model))
+    combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", combination_type="linear")  # own-base ones still work
+
+    delete_adapter(model, "x")
+    assert foreign_adapters(model) == {}
+    # reloading the same name from a file saved on THIS base leaves no record
+    save_adapter(model, tmp_path / "here", adapter_name="b")
+    load_adapter(model, tmp_path / "here", adapter_name="x")
+    assert foreign_adapters(model) == {}
+    combine_adapters(model, ["a", "x"], [0.5, 0.5], "ax", combination_type="linear")
