@@ -7,3 +7,21 @@ The modules are meant to be read in the order the course teaches them:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+
+class _NoKernelsHubNotice(_logging.Filter):
+    """Drop bitsandbytes' notice that its optional CPU kernel could not be fetched.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes (which PEFT does) tries to download a
+    faster 4-bit matmul from a kernel hub and logs a warning when that fails. The course runs
+    offline by design and bitsandbytes falls back to its own kernel, so the line is noise a
+    learner cannot act on; every other bitsandbytes message still shows.
+    """
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())

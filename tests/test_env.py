@@ -25,3 +25,17 @@ def test_version_comparison_reads_local_and_dev_versions():
     assert env._as_tuple("0.50.0.dev0") == (0, 50, 0)
     assert env.PackageStatus("x", "0.11.0", "0.11", "").ok
     assert not env.PackageStatus("x", "0.9.2", "0.11", "").ok
+
+
+def test_only_the_kernel_hub_notice_of_bitsandbytes_is_silenced(caplog):
+    """loracore drops bitsandbytes' 'could not fetch the CPU kernel' line (offline by design),
+    and nothing else that logger says."""
+    import logging
+
+    import loracore  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
+        log.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
