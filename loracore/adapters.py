@@ -48,7 +48,7 @@ CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 METADATA_KEY = "loracore"  # in the safetensors header
-SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
+SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for DoRA's magnitude (no ".weight" on disk)
 
 __all__ = ["save_adapter", "load_adapter", "base_fingerprint", "WEIGHTS_NAME", "CONFIG_NAME"]

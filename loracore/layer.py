@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracore import dora
+from loracore.dora import Magnitude, dora_merged_weight, dora_update, weight_norm
 
 __all__ = [
     "scaling", "delta_weight", "lora_update", "lora_forward", "LoRALinear",
@@ -209,9 +209,9 @@ class LoRALinear(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = scaling(lora_alpha, r, use_rslora)
         if use_dora:
-            norm = dora.weight_norm(self._dense_weight("add_adapter"), lora_A.weight, lora_B.weight,
+            norm = weight_norm(self._dense_weight("add_adapter"), lora_A.weight, lora_B.weight,
                                     self.scaling[name])
-            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(dtype))
+            self.lora_magnitude_vector[name] = Magnitude(norm.to(dtype))
         self.set_adapter(name)
 
     def _check_names(self, names: list[str], what: str) -> None:
@@ -286,7 +286,7 @@ class LoRALinear(nn.Module):
         merged = original.to(torch.promote_types(original.dtype, torch.float32))
         for name in names:
             if name in self.lora_magnitude_vector:  # DoRA: rescale rows; the norm is on `original`
-                merged = dora.dora_merged_weight(
+                merged = dora_merged_weight(
                     merged, original, self.lora_A[name].weight, self.lora_B[name].weight,
                     self.scaling[name], self.lora_magnitude_vector[name].weight)
             else:
@@ -401,7 +401,7 @@ class LoRALinear(nn.Module):
         else:
             x = dropout(x)
             base_out = F.linear(x, self._dense_weight("forward", original=False).to(x.dtype))
-        extra = dora.dora_update(x, base_out, self._dense_weight("forward"), self.lora_A[name].weight,
+        extra = dora_update(x, base_out, self._dense_weight("forward"), self.lora_A[name].weight,
                                  self.lora_B[name].weight, self.scaling[name],
                                  self.lora_magnitude_vector[name].weight)
         return (result + extra).to(result.dtype)
