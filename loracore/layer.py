@@ -12,6 +12,7 @@ what a learner reads here carries over to ``peft.tuners.lora``.
 
 The math is a few pure functions (:func:`scaling`, :func:`delta_weight`, :func:`lora_forward`,
 the ones lab 01 has learners write); :class:`LoRALinear` holds the state and calls them.
+DoRA adapters (``use_dora=True``) add a magnitude vector; their math is in :mod:`loracore.dora`.
 Putting layers into a whole model is :mod:`loracore.surgery`'s job; this module imports none
 of it. Quantized base layers register themselves with :func:`register_linear_type`.
 """
