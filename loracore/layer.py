@@ -190,6 +190,8 @@ class LoRALinear(nn.Module):
         """Add adapter ``name`` (A Kaiming-uniform, B zeros) and make it the only active one.
         With ``use_dora`` it also gets a magnitude ``m = ‖W‖`` row by row (:mod:`loracore.dora`)."""
         check_adapter_args("LoRALinear.add_adapter", name, r, lora_alpha, lora_dropout)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"LoRALinear.add_adapter: use_dora must be True or False, got {use_dora!r}")
         if use_dora:
             self._dense_weight("add_adapter(use_dora=True)")  # refuse before anything changes
         if name in self.lora_A:
@@ -211,7 +213,7 @@ class LoRALinear(nn.Module):
         self.scaling[name] = scaling(lora_alpha, r, use_rslora)
         if use_dora:
             norm = weight_norm(self._dense_weight("add_adapter"), lora_A.weight, lora_B.weight,
-                                    self.scaling[name])
+                               self.scaling[name])
             self.lora_magnitude_vector[name] = Magnitude(norm.to(dtype))
         self.set_adapter(name)
 
@@ -253,7 +255,8 @@ class LoRALinear(nn.Module):
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter ``name``: ``scaling · B @ A``, shape ``(out_features, in_features)``,
-        computed in float32 at least (a bfloat16 product would round B @ A to 8 bits)."""
+        computed in float32 at least (a bfloat16 product would round B @ A to 8 bits). For a DoRA
+        adapter this is only the update of the direction: merging also rescales each row."""
         self._check_names([name], "get_delta_weight")
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         dtype = torch.promote_types(A.dtype, torch.float32)
@@ -283,7 +286,8 @@ class LoRALinear(nn.Module):
         """``original + ΔW_1 + ΔW_2 ...``, added in order in (at least) float32, rounded once
         to the base dtype. A function of (original, names) only, so merging the same adapters
         onto the same original always gives the same bits (what rollback and
-        :meth:`disable_adapters` rely on). In float32 it is PEFT's ``weight += ΔW`` exactly."""
+        :meth:`disable_adapters` rely on). In float32 it is PEFT's ``weight += ΔW`` exactly.
+        A DoRA adapter rescales the rows of the sum so far instead (PEFT's order, as in forward)."""
         merged = original.to(torch.promote_types(original.dtype, torch.float32))
         for name in names:
             if name in self.lora_magnitude_vector:  # DoRA: rescale rows; the norm is on `original`

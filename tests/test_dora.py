@@ -476,3 +476,5 @@ def test_inject_refuses_dora_where_the_weight_is_not_float(base):
         inject(model, ["v_proj"], r=R, lora_alpha=ALPHA, use_dora="yes")
     with pytest.raises(TypeError, match="Linear.*use_dora=False"):
         LoRALinear(proj, r=2, use_dora=True)
+    with pytest.raises(TypeError, match="LoRALinear.add_adapter: use_dora must be True or False"):
+        LoRALinear(nn.Linear(4, 3), r=2, use_dora=1)
