@@ -478,3 +478,20 @@ def test_inject_refuses_dora_where_the_weight_is_not_float(base):
         LoRALinear(proj, r=2, use_dora=True)
     with pytest.raises(TypeError, match="LoRALinear.add_adapter: use_dora must be True or False"):
         LoRALinear(nn.Linear(4, 3), r=2, use_dora=1)
+
+
+@pytest.mark.slow
+def test_real_model_dora_file_loads_in_peft_with_equal_logits(smollm2, tmp_path):
+    """SmolLM2-135M, q and v in all 30 layers: our DoRA adapter's file, loaded by PEFT, gives
+    the same logits as loracore. (All seven projections take ~3x longer: each DoRA forward forms
+    W + ΔW to take its norm.)"""
+    real = smollm2[0].eval()
+    ids = torch.randint(0, real.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    ours = inject(copy.deepcopy(real), ["q_proj", "v_proj"], r=8, lora_alpha=16, use_dora=True)
+    randomize(ours, std=0.02)
+    want = logits(ours, ids)
+    assert (want - logits(real, ids)).abs().max() > 1e-2
+    folder = save_adapter(ours, tmp_path / "real")
+    del ours
+    theirs = PeftModel.from_pretrained(real, folder).eval()
+    torch.testing.assert_close(logits(theirs, ids), want, atol=1e-4, rtol=0)
