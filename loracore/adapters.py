@@ -3,7 +3,8 @@
 A folder holds two files, exactly as ``peft.PeftModel.save_pretrained`` writes them:
 
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, in) and
-  ``...lora_B.weight`` (out, r) for every adapted module (no adapter name in the keys);
+  ``...lora_B.weight`` (out, r) for every adapted module (no adapter name in the keys), and for
+  a DoRA adapter (``use_dora: true``) ``...lora_magnitude_vector`` (out,);
 - ``adapter_config.json``: ``peft_type``, ``r``, ``lora_alpha``, ``target_modules``,
   ``use_rslora`` ... so ``PeftModel.from_pretrained(base, folder)`` loads it.
 
@@ -48,6 +49,7 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 METADATA_KEY = "loracore"  # in the safetensors header
 SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for DoRA's magnitude (no ".weight" on disk)
 
 __all__ = ["save_adapter", "load_adapter", "base_fingerprint", "foreign_adapters", "WEIGHTS_NAME",
            "CONFIG_NAME"]
@@ -170,6 +172,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                  f"holds inf or NaN (diverged training?); nothing was written, "
                                  f"since loading it would be refused")
             tensors[f"{PREFIX}{name}.{what}.weight"] = weight
+        if adapter_name in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach().cpu().contiguous()
+            if not torch.isfinite(magnitude).all():
+                raise ValueError(f"save_adapter: the DoRA magnitude of adapter {adapter_name!r} on "
+                                 f"module {name!r} holds inf or NaN; nothing was written")
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = magnitude
+    dora = {n: adapter_name in m.lora_magnitude_vector for n, m in layers.items()}
+    if len(set(dora.values())) > 1:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} is DoRA on "
+                         f"{[n for n, d in dora.items() if d][:3]} but plain LoRA on "
+                         f"{[n for n, d in dora.items() if not d][:3]}; PEFT's config has one use_dora")
     ranks = {n: m.r[adapter_name] for n, m in layers.items()}
     alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
@@ -193,7 +206,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": all(dora.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -292,7 +305,9 @@ def _check_config(config: dict, path: Path) -> None:
     where = path / CONFIG_NAME
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: {path} is a {config.get('peft_type')} adapter; only LORA is supported")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    if not isinstance(config.get("use_dora", False), (bool, type(None))):
+        raise ValueError(f"load_adapter: {where}: use_dora must be true or false, got {config['use_dora']!r}")
+    for key, ok in (("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise ValueError(f"load_adapter: {path} has {key}={config[key]!r}; loracore supports only "
                              f"{key}={ok!r}")
@@ -334,10 +349,22 @@ def _refuse_or_warn(problems: list[str], headline: str, advice: str, strict: boo
 
 
 def _pairs(tensors: dict[str, torch.Tensor], weights: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Module name -> {"lora_A": (r, in), "lora_B": (out, r)}, from keys like
-    ``base_model.model.<name>.lora_A.weight``, each tensor checked."""
+    """Module name -> {"lora_A": (r, in), "lora_B": (out, r)} (and DoRA's
+    ``"lora_magnitude_vector"``: (out,)), from keys like ``base_model.model.<name>.lora_A.weight``,
+    each tensor checked."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        m = re.fullmatch(rf"(?:base_model\.model\.)?(.+)\.({MAGNITUDE})(?:\.weight)?", key)
+        if m is not None:
+            name = m.group(1)
+            if tensor.dim() != 1 or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise ValueError(f"load_adapter: module {name!r}: the DoRA magnitude in {weights} has "
+                                 f"shape {tuple(tensor.shape)} and dtype {tensor.dtype}; it must be a "
+                                 f"finite 1-D float vector, one value per output feature")
+            if MAGNITUDE in pairs.get(name, {}):
+                raise ValueError(f"load_adapter: {weights} has two DoRA magnitudes for module {name!r}")
+            pairs.setdefault(name, {})[MAGNITUDE] = tensor
+            continue
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if m is None:
             raise ValueError(f"load_adapter: {weights} has tensor {key!r}, which is not a "
@@ -384,9 +411,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         raise ValueError(f"load_adapter: {weights} holds no LoRA tensors")
 
     modules = dict(model.named_modules())
+    use_dora = bool(config.get("use_dora") or False)
     for name, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(ab):
             raise ValueError(f"load_adapter: module {name!r} has only {sorted(ab)} in {weights}")
+        if (MAGNITUDE in ab) != use_dora:
+            raise ValueError(f"load_adapter: {CONFIG_NAME} in {path} says use_dora={use_dora} but "
+                             f"module {name!r} {'has' if MAGNITUDE in ab else 'has no'} DoRA magnitude "
+                             f"({MAGNITUDE}) in {weights}: the files do not belong together")
         layer = modules.get(name)
         if layer is None or not hasattr(layer, "in_features"):
             raise ValueError(f"load_adapter: the adapter has weights for module {name!r}, which "
@@ -398,6 +430,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             if tuple(got) != want:
                 raise ValueError(f"load_adapter: module {name!r}: {what} in the file has shape "
                                  f"{tuple(got)}, the model's layer needs {want}")
+        if use_dora and tuple(ab[MAGNITUDE].shape) != (layer.out_features,):
+            raise ValueError(f"load_adapter: module {name!r}: the DoRA magnitude ({MAGNITUDE}) in the "
+                             f"file has shape {tuple(ab[MAGNITUDE].shape)}, the model's layer needs "
+                             f"({layer.out_features},), one value per output feature")
         if isinstance(layer, LoRALinear) and adapter_name in layer.lora_A:
             raise ValueError(f"load_adapter: module {name!r} already has an adapter named "
                              f"{adapter_name!r}; pass another adapter_name or delete_adapter() first")
@@ -433,13 +469,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         for (r, alpha), names in groups.items():
             inject(model, "(" + "|".join(re.escape(n) for n in names) + ")", r, alpha,
                    lora_dropout=config.get("lora_dropout", 0.0) or 0.0, adapter_name=adapter_name,
-                   use_rslora=bool(config.get("use_rslora", False)))
+                   use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora)
         with torch.no_grad():
             for name, ab in pairs.items():
                 layer = model.get_submodule(name)
-                for what in ("lora_A", "lora_B"):
-                    weight = getattr(layer, what)[adapter_name].weight
-                    weight.copy_(ab[what].to(weight.device, weight.dtype))
+                for what in ("lora_A", "lora_B", MAGNITUDE):
+                    if what in ab:
+                        weight = getattr(layer, what)[adapter_name].weight
+                        weight.copy_(ab[what].to(weight.device, weight.dtype))
     record = model.__dict__.setdefault(_FOREIGN, {})
     record.pop(adapter_name, None)
     if foreign:

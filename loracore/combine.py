@@ -181,6 +181,11 @@ def _validate(model: nn.Module, adapters: Sequence[str], weights: Sequence[float
     if adapter_name in known:
         raise ValueError(f"{where}: the model already has an adapter named {adapter_name!r}; pick "
                          f"another name or delete_adapter() it first")
+    dora = [a for a in adapters if any(a in layer.lora_magnitude_vector for layer in layers.values())]
+    if dora:
+        raise ValueError(f"{where}: adapter(s) {dora} are DoRA: a DoRA layer is not W + ΔW (it rescales "
+                         f"each row by its magnitude), so combining ΔWs is not defined for it. Merge "
+                         f"it into the base (merge_adapters) or combine plain LoRA adapters only")
     foreign = foreign_adapters(model)
     for a in adapters:
         if a in foreign:

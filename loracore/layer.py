@@ -12,6 +12,7 @@ what a learner reads here carries over to ``peft.tuners.lora``.
 
 The math is a few pure functions (:func:`scaling`, :func:`delta_weight`, :func:`lora_forward`,
 the ones lab 01 has learners write); :class:`LoRALinear` holds the state and calls them.
+DoRA adapters (``use_dora=True``) add a magnitude vector; their math is in :mod:`loracore.dora`.
 Putting layers into a whole model is :mod:`loracore.surgery`'s job; this module imports none
 of it. Quantized base layers register themselves with :func:`register_linear_type`.
 """
@@ -25,6 +26,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loracore.dora import Magnitude, dora_merged_weight, dora_update, weight_norm
 
 __all__ = [
     "scaling", "delta_weight", "lora_update", "lora_forward", "LoRALinear",
@@ -124,17 +127,19 @@ class LoRALinear(nn.Module):
     Args:
         base_layer: ``nn.Linear`` or a quantized stand-in (``loracore.qlora.Linear4bit``):
             any module with ``in_features``, ``out_features`` and ``forward(x)``. Kept as is.
-        r, lora_alpha, adapter_name, lora_dropout, use_rslora: when ``r`` is given, an
-            adapter is added right away (see :meth:`add_adapter`); ``lora_alpha`` defaults to ``r``.
+        r, lora_alpha, adapter_name, lora_dropout, use_rslora, use_dora: when ``r`` is given,
+            an adapter is added right away (see :meth:`add_adapter`); ``lora_alpha`` defaults to ``r``.
 
     Per adapter name: ``lora_A[name]`` is ``nn.Linear(in, r)`` (weight ``(r, in)``),
     ``lora_B[name]`` is ``nn.Linear(r, out)`` (weight ``(out, r)``), ``lora_dropout[name]``,
-    and the dicts ``r``, ``lora_alpha``, ``scaling``.
+    and the dicts ``r``, ``lora_alpha``, ``scaling``. A DoRA adapter also has
+    ``lora_magnitude_vector[name].weight`` ``(out,)`` (see :mod:`loracore.dora`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int | None = None, lora_alpha: float | None = None,
                  *, adapter_name: str = "default", lora_dropout: float = 0.0,
-                 use_rslora: bool = False, autocast_adapter_dtype: bool = True) -> None:
+                 use_rslora: bool = False, use_dora: bool = False,
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         for attr in ("in_features", "out_features"):
             if not isinstance(getattr(base_layer, attr, None), int):
@@ -146,6 +151,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -160,7 +166,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         if r is not None:
             self.add_adapter(adapter_name, r, r if lora_alpha is None else lora_alpha,
-                             lora_dropout, use_rslora)
+                             lora_dropout, use_rslora, use_dora)
 
     # ---- adapters -------------------------------------------------------------------------
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -180,9 +186,14 @@ class LoRALinear(nn.Module):
         return device, dtype
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False) -> None:
-        """Add adapter ``name`` (A Kaiming-uniform, B zeros) and make it the only active one."""
+                    use_rslora: bool = False, use_dora: bool = False) -> None:
+        """Add adapter ``name`` (A Kaiming-uniform, B zeros) and make it the only active one.
+        With ``use_dora`` it also gets a magnitude ``m = ‖W‖`` row by row (:mod:`loracore.dora`)."""
         check_adapter_args("LoRALinear.add_adapter", name, r, lora_alpha, lora_dropout)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"LoRALinear.add_adapter: use_dora must be True or False, got {use_dora!r}")
+        if use_dora:
+            self._dense_weight("add_adapter(use_dora=True)")  # refuse before anything changes
         if name in self.lora_A:
             raise ValueError(f"LoRALinear.add_adapter: adapter {name!r} already exists on this layer "
                              f"(adapters: {list(self.lora_A)}); delete it first or pick another name")
@@ -200,6 +211,10 @@ class LoRALinear(nn.Module):
         self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = use_rslora
         self.scaling[name] = scaling(lora_alpha, r, use_rslora)
+        if use_dora:
+            norm = weight_norm(self._dense_weight("add_adapter"), lora_A.weight, lora_B.weight,
+                               self.scaling[name])
+            self.lora_magnitude_vector[name] = Magnitude(norm.to(dtype))
         self.set_adapter(name)
 
     def _check_names(self, names: list[str], what: str) -> None:
@@ -216,6 +231,8 @@ class LoRALinear(nn.Module):
         for name in self.lora_A:
             self.lora_A[name].requires_grad_(name in names)
             self.lora_B[name].requires_grad_(name in names)
+        for name in self.lora_magnitude_vector:
+            self.lora_magnitude_vector[name].requires_grad_(name in names)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` from this layer (it must not be merged)."""
@@ -225,6 +242,8 @@ class LoRALinear(nn.Module):
                                f"weight; unmerge() first")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -236,7 +255,8 @@ class LoRALinear(nn.Module):
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter ``name``: ``scaling · B @ A``, shape ``(out_features, in_features)``,
-        computed in float32 at least (a bfloat16 product would round B @ A to 8 bits)."""
+        computed in float32 at least (a bfloat16 product would round B @ A to 8 bits). For a DoRA
+        adapter this is only the update of the direction: merging also rescales each row."""
         self._check_names([name], "get_delta_weight")
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         dtype = torch.promote_types(A.dtype, torch.float32)
@@ -249,14 +269,33 @@ class LoRALinear(nn.Module):
                             f"to it in place. Dequantize the base first, or keep the adapter unmerged")
         return self.base_layer.weight
 
+    def _dense_weight(self, what: str, original: bool = True) -> torch.Tensor:
+        """The base weight ``(out, in)`` as a float tensor, for DoRA: dequantized for a 4-bit
+        base; with ``original`` the weight before any merge (what DoRA's norm is taken on)."""
+        base = self.base_layer
+        if is_float_linear(base):
+            kept = self._unmerged_weight
+            return kept if original and kept is not None else base.weight
+        if callable(getattr(base, "dequantize", None)):
+            return base.dequantize()
+        raise TypeError(f"LoRALinear.{what}: DoRA needs the base weight as a float matrix, and a "
+                        f"{type(base).__name__} base has neither a float weight nor dequantize(); "
+                        f"use plain LoRA (use_dora=False) on this layer")
+
     def _merged_weight(self, original: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``original + ΔW_1 + ΔW_2 ...``, added in order in (at least) float32, rounded once
         to the base dtype. A function of (original, names) only, so merging the same adapters
         onto the same original always gives the same bits (what rollback and
-        :meth:`disable_adapters` rely on). In float32 it is PEFT's ``weight += ΔW`` exactly."""
+        :meth:`disable_adapters` rely on). In float32 it is PEFT's ``weight += ΔW`` exactly.
+        A DoRA adapter rescales the rows of the sum so far instead (PEFT's order, as in forward)."""
         merged = original.to(torch.promote_types(original.dtype, torch.float32))
         for name in names:
-            merged = merged + self.get_delta_weight(name).to(merged.dtype)
+            if name in self.lora_magnitude_vector:  # DoRA: rescale rows; the norm is on `original`
+                merged = dora_merged_weight(
+                    merged, original, self.lora_A[name].weight, self.lora_B[name].weight,
+                    self.scaling[name], self.lora_magnitude_vector[name].weight)
+            else:
+                merged = merged + self.get_delta_weight(name).to(merged.dtype)
         return merged.to(original.dtype)
 
     @torch.no_grad()
@@ -346,13 +385,34 @@ class LoRALinear(nn.Module):
             if name in self.merged_adapters:
                 continue  # already inside the base weight
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+            if name in self.lora_magnitude_vector:
+                result = self._dora_forward(name, x.to(lora_A.dtype), result)
+                continue
             x_in = self.lora_dropout[name](x.to(lora_A.dtype))
             # PEFT's operations in PEFT's order (see lora_update), so the two agree bit for bit;
             # another order rounds differently, and 30 layers turn that into ~1e-4 on the logits.
             result = result + lora_update(x_in, lora_A, lora_B, self.scaling[name]).to(result.dtype)
         return result
 
+    def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (..., out) plus DoRA adapter ``name``'s term, with PEFT's semantics: the
+        base output it rescales is ``result`` so far minus the bias (adapters applied in turn
+        compose, as merging them in turn does); with dropout active in training, it is
+        ``dropout(x) @ W.T`` instead, and dropout applies to the LoRA path too."""
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result if bias is None else result - bias
+        else:
+            x = dropout(x)
+            base_out = F.linear(x, self._dense_weight("forward", original=False).to(x.dtype))
+        extra = dora_update(x, base_out, self._dense_weight("forward"), self.lora_A[name].weight,
+                                 self.lora_B[name].weight, self.scaling[name],
+                                 self.lora_magnitude_vector[name].weight)
+        return (result + extra).to(result.dtype)
+
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}" for n in self.lora_A)
+        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]:g}"
+                             + (", dora" if n in self.lora_magnitude_vector else "") for n in self.lora_A)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters=[{adapters}], active={self.active_adapters}, merged={self.merged_adapters}")

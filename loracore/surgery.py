@@ -140,15 +140,19 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
 
 def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha: float, *,
            lora_dropout: float = 0.0, adapter_name: str = "default",
-           use_rslora: bool = False) -> nn.Module:
+           use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Wrap matching linear layers of ``model`` in :class:`LoRALinear`, in place.
 
     ``target_modules``: layer names matched against the end of each module's full name
     (``["q_proj", "v_proj"]``), ``"all-linear"`` (every linear layer except the output head),
     or one regex string matched against full names. Every base parameter is frozen; only the
     new adapter's parameters are trainable. A layer that is already a ``LoRALinear`` gets
-    the new adapter added. All or nothing: a refusal leaves the model as it was. Returns ``model``.
+    the new adapter added. ``use_dora=True`` makes it a DoRA adapter (a trainable magnitude per
+    output feature too, see :mod:`loracore.dora`; float or 4-bit bases). All or nothing: a
+    refusal leaves the model as it was. Returns ``model``.
     """
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"inject: use_dora must be True or False, got {use_dora!r}")
     target_modules = _check_targets(target_modules)
     check_adapter_args("inject", adapter_name, r, lora_alpha, lora_dropout)
     candidates = linear_layer_names(model)
@@ -172,6 +176,14 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
     if taken:
         raise ValueError(f"inject: modules {taken} already have an adapter named {adapter_name!r}; "
                          f"pass another adapter_name, or delete_adapter(model, {adapter_name!r}) first")
+    if use_dora:
+        bases = {n: getattr(model.get_submodule(n), "base_layer", model.get_submodule(n)) for n in chosen}
+        no_dense = [f"{n} ({type(b).__name__})" for n, b in bases.items()
+                    if not is_float_linear(b) and not callable(getattr(b, "dequantize", None))]
+        if no_dense:
+            raise TypeError(f"inject: DoRA needs each base weight as a float matrix (for its norm); "
+                            f"modules {no_dense} have neither a float weight nor dequantize(). "
+                            f"Leave them out of target_modules or use use_dora=False")
     with all_or_nothing(model):
         if not hasattr(model, "_loracore_requires_grad"):  # so remove_lora can restore it
             model._loracore_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -180,10 +192,11 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
         for name in chosen:
             module = model.get_submodule(name)
             if isinstance(module, LoRALinear):
-                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora)
             else:
                 _replace(model, name, LoRALinear(module, r, lora_alpha, adapter_name=adapter_name,
-                                                 lora_dropout=lora_dropout, use_rslora=use_rslora))
+                                                 lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                                 use_dora=use_dora))
         set_adapter(model, adapter_name)
     return model
 

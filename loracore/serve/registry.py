@@ -142,6 +142,10 @@ class AdapterRegistry:
         try:
             with self._cached_fingerprints():
                 load_adapter(model, path, internal)
+            if any(internal in layer.lora_magnitude_vector for layer in lora_layers(model).values()):
+                raise AdapterError(f"AdapterRegistry: {path} is a DoRA adapter (use_dora=true), which "
+                                   f"slot-based serving (like vLLM) cannot apply: merge it into the base "
+                                   f"instead (merge_adapters, then serve the merged model)")
             for name, layer in lora_layers(model).items():
                 if internal in layer.lora_A:
                     factors[name] = (layer.lora_A[internal].weight.detach().clone(),
