@@ -716,3 +716,22 @@ def test_every_check_function_is_an_exercise_with_points(module):
     assert all(p > 0 for p in found.values()), found
     # The course's convention (labs 01-03): each lab is worth 10 points.
     assert sum(found.values()) == 10, found
+
+
+# --------------------------------------------------------------------------- the stubs in labs/ carry hints
+
+def test_every_exercise_stub_in_the_labs_says_what_to_write():
+    """Each ``# YOUR CODE HERE`` that tools/nb.py make-labs writes has a hint after it (from the
+    solution's ``### BEGIN SOLUTION <hint>`` line), as in lab 01."""
+    import nbformat
+
+    labs = sorted((ROOT / "labs").glob("lab*.ipynb"))
+    assert labs
+    bare = []
+    for path in labs:
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            for line in cell.source.split("\n") if cell.cell_type == "code" else []:
+                m = re.match(r"\s*# YOUR CODE HERE(?::\s*(.*))?$", line)
+                if m and len((m.group(1) or "").split()) < 3:  # a hint is a few words at least
+                    bare.append(f"{path.name} cell {i}")
+    assert not bare, f"stubs without a hint (add one after ### BEGIN SOLUTION in solutions/): {bare}"
