@@ -208,6 +208,14 @@ class UnmergeForgetsWeight(MergeableLoRALayer):
         self.merged = False
 
 
+class UnmergeRefusesWhenNotMerged(MergeableLoRALayer):  # a fine design too: the check accepts it
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("not merged")
+        super().unmerge()
+
+
 class UnmergeAlwaysSubtracts(MergeableLoRALayer):  # no `if self.merged`: a stray unmerge corrupts W
     @torch.no_grad()
     def unmerge(self):
@@ -455,6 +463,7 @@ RIGHT = [
     pytest.param(lab01.check_lora_forward, lambda: (lora_forward,), id="lab01-lora_forward"),
     pytest.param(lab01.check_lora_layer, lambda: (LoRALayer,), id="lab01-lora_layer"),
     pytest.param(lab01.check_merge, lambda: (MergeableLoRALayer,), id="lab01-merge"),
+    pytest.param(lab01.check_merge, lambda: (UnmergeRefusesWhenNotMerged,), id="lab01-merge-unmerge-refuses"),
     pytest.param(lab01.check_inject, lambda: (inject_lora, MergeableLoRALayer), id="lab01-inject"),
     pytest.param(lab01.check_loss_fell, _lab01_training, id="lab01-loss_fell"),
     pytest.param(lab02.check_mask_and_pad, lambda: (mask_and_pad,), id="lab02-mask_and_pad"),
