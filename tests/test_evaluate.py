@@ -143,5 +143,5 @@ def test_lab02_evaluate_loop_check_accepts_right_and_rejects_exact_match():
                  "correct": answers_match(r, c[-1]["content"], mode)} for c, r in zip(conversations, replies)]
 
     check_evaluate_loop(loop)
-    with pytest.raises(ExerciseFailed, match="1 of 4 checks failed"):
+    with pytest.raises(ExerciseFailed, match="1 of 5 checks failed"):
         check_evaluate_loop(lambda m, t, c, n: loop(m, t, c, n, mode="exact"))

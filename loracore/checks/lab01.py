@@ -38,10 +38,16 @@ def check_lora_forward(lora_forward: Callable[..., torch.Tensor]) -> None:
     zero = call_learner(lora_forward, x, W, b, A, torch.zeros_like(B), 2.5)
     report("lora_forward", [
         Check.close("output = x @ W.T + b + scaling * (x @ A.T) @ B.T", got, want,
-                    hint="Apply A first (x @ A.T has r columns), then B, then multiply by scaling."),
+                    hint="Apply A first (x @ A.T has r columns), then B, then multiply by scaling "
+                         "(the adapter term only); keep the base's bias b."),
         Check.close("B = 0 gives exactly the base output", zero, x @ W.T + b, atol=0, rtol=0,
-                    hint="With B = 0 the adapter term must vanish."),
+                    hint="With B = 0 the adapter term must vanish, leaving x @ W.T + b: scale only "
+                         "the adapter term, and keep the bias b."),
     ])
+
+
+_SHAPES = ("lora_A is (r, in_features) and lora_B is (out_features, r), so that B @ A has the "
+           "shape of base.weight, (out_features, in_features).")
 
 
 @exercise(points=3)
@@ -52,9 +58,12 @@ def check_lora_layer(LoRALayer: type) -> None:
     layer = call_learner(LoRALayer, base, 4, 8.0)
     checks = [
         Check.true("keeps the base layer as .base", getattr(layer, "base", None) is base,
-                   "layer.base is the nn.Linear you passed in", repr(getattr(layer, "base", None))[:80]),
-        Check.equal("lora_A has shape (r, in_features)", tuple(getattr(layer, "lora_A", torch.empty(0)).shape), (4, 12)),
-        Check.equal("lora_B has shape (out_features, r)", tuple(getattr(layer, "lora_B", torch.empty(0)).shape), (10, 4)),
+                   "layer.base is the nn.Linear you passed in", repr(getattr(layer, "base", None))[:80],
+                   hint="Store the layer you were given: self.base = base (not a copy)."),
+        Check.equal("lora_A has shape (r, in_features)", tuple(getattr(layer, "lora_A", torch.empty(0)).shape), (4, 12),
+                    hint=_SHAPES),
+        Check.equal("lora_B has shape (out_features, r)", tuple(getattr(layer, "lora_B", torch.empty(0)).shape), (10, 4),
+                    hint=_SHAPES),
     ]
     if not all(c.passed for c in checks):
         report("LoRALayer", checks)
@@ -64,7 +73,8 @@ def check_lora_layer(LoRALayer: type) -> None:
     checks += [
         Check.true("lora_A and lora_B are trainable nn.Parameters",
                    isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) and A.requires_grad and B.requires_grad,
-                   "two nn.Parameter with requires_grad=True", f"{type(A).__name__}, {type(B).__name__}"),
+                   "two nn.Parameter with requires_grad=True", f"{type(A).__name__}, {type(B).__name__}",
+                   hint="Wrap both in nn.Parameter(...), so the optimizer sees them and they train."),
         Check.true("the base layer is frozen", not any(p.requires_grad for p in base.parameters()),
                    "requires_grad=False on base.weight and base.bias",
                    str([p.requires_grad for p in base.parameters()]),
@@ -78,13 +88,16 @@ def check_lora_layer(LoRALayer: type) -> None:
                    f"max |A| = {A.abs().max().item():.3f}, std {A.std().item():.3f}",
                    hint="nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))."),
         Check.true("scaling = lora_alpha / r", math.isclose(float(getattr(layer, "scaling", float("nan"))), 2.0),
-                   "2.0 for r=4, lora_alpha=8", repr(getattr(layer, "scaling", None))),
-        Check.close("B = 0: forward equals the base layer", call_learner(layer, x), base(x), atol=0, rtol=0),
+                   "2.0 for r=4, lora_alpha=8", repr(getattr(layer, "scaling", None)),
+                   hint="self.scaling = lora_alpha / r (alpha over r, not r over alpha)."),
+        Check.close("B = 0: forward equals the base layer", call_learner(layer, x), base(x), atol=0, rtol=0,
+                    hint="With lora_B = 0 the adapter adds nothing: initialise lora_B to zeros and "
+                         "return self.base(x) plus the adapter path."),
     ]
     _nonzero_B(layer)
     want = base(x) + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
     checks.append(Check.close("non-zero B: base(x) + scaling * (x @ A.T) @ B.T", call_learner(layer, x), want,
-                              hint="Add the adapter path to self.base(x)."))
+                              hint="Add the adapter path, multiplied by self.scaling, to self.base(x)."))
     report("LoRALayer", checks)
 
 
@@ -114,6 +127,11 @@ def check_merge(MergeableLoRALayer: type) -> None:
         call_learner(layer.unmerge)
         restored = base.weight.detach().clone()
         unmerged_out = layer(x)
+        try:  # a stray unmerge of an unmerged layer must change nothing (refusing it is fine too)
+            call_learner(layer.unmerge)
+        except (RuntimeError, ValueError):
+            pass
+        after_second_unmerge = base.weight.detach().clone()
     report("merge / unmerge", [
         Check.close("merge adds scaling * B @ A to base.weight", merged_w, w0 + delta,
                     hint="W <- W + scaling * B @ A, in place (under torch.no_grad())."),
@@ -124,8 +142,14 @@ def check_merge(MergeableLoRALayer: type) -> None:
         Check.true("a second merge raises", isinstance(twice, (RuntimeError, ValueError)),
                    "RuntimeError (or ValueError)", repr(twice),
                    hint="Keep a self.merged flag and refuse to merge again."),
-        Check.close("unmerge restores base.weight (within 1e-6)", restored, w0, atol=1e-6, rtol=0),
-        Check.close("unmerged: forward is back to base + adapter", unmerged_out, before, atol=1e-5),
+        Check.close("unmerge restores base.weight (within 1e-6)", restored, w0, atol=1e-6, rtol=0,
+                    hint="W <- W - scaling * B @ A (the same update merge added), in place."),
+        Check.close("unmerged: forward is back to base + adapter", unmerged_out, before, atol=1e-5,
+                    hint="Set self.merged = False in unmerge, so forward adds the adapter path again."),
+        Check.close("unmerge of a layer that is not merged leaves base.weight alone", after_second_unmerge,
+                    restored, atol=0, rtol=0,
+                    hint="Subtract only when merged: `if self.merged:` around the update in unmerge "
+                         "(or raise a RuntimeError when it is not)."),
     ])
 
 
@@ -147,14 +171,20 @@ def check_inject(inject_lora: Callable[..., nn.Module], LayerClass: type) -> Non
     with torch.no_grad():
         logits = model(ids).logits
     report("inject_lora", [
-        Check.true("returns the model", out is model, "the same model object", type(out).__name__),
-        Check.equal("wraps exactly the q_proj and v_proj layers", wrapped, want),
+        Check.true("returns the model", out is model, "the same model object", type(out).__name__,
+                   hint="End with `return model` (the same object, changed in place)."),
+        Check.equal("wraps exactly the q_proj and v_proj layers", wrapped, want,
+                    hint="Compare the last part of each module's name (name.split('.')[-1]) with "
+                         "target_names, and wrap only those nn.Linear layers."),
         Check.equal("trainable parameters: as many as loracore.inject gives",
-                    trainable_parameters(model)[0], trainable_parameters(reference)[0]),
+                    trainable_parameters(model)[0], trainable_parameters(reference)[0],
+                    hint="Freeze everything, then wrap only the target layers with r and lora_alpha "
+                         "as given: only their lora_A and lora_B train."),
         Check.true("only lora_A / lora_B are trainable", bool(trainable) and all("lora_" in n for n in trainable),
                    "only names containing lora_A / lora_B", str(trainable[:3]),
                    hint="Freeze every parameter first (requires_grad_(False)), then wrap."),
-        Check.close("at initialisation the logits are unchanged", logits, base_logits, atol=0, rtol=0),
+        Check.close("at initialisation the logits are unchanged", logits, base_logits, atol=0, rtol=0,
+                    hint="A fresh adapter is a no-op: lora_B = 0 in your layer, and no base weight changed."),
     ])
 
 
@@ -168,7 +198,8 @@ def check_loss_fell(losses: list[float], model: nn.Module, base_weights: dict[st
                if original_name(n) in base_weights and not torch.equal(p, base_weights[original_name(n)])]
     checks = [
         Check.true("losses were recorded", len(losses) >= 2 and all(math.isfinite(v) for v in losses),
-                   "a list of finite floats, one per step", repr(losses)[:120]),
+                   "a list of finite floats, one per step", repr(losses)[:120],
+                   hint="Call losses.append(loss.item()) once per step (a float, not the tensor)."),
     ]
     if checks[0].passed:
         checks.append(Check.true("the loss fell", losses[-1] < losses[0], f"last < first ({losses[0]:.3f})",

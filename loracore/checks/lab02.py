@@ -48,7 +48,10 @@ def check_mask_and_pad(mask_and_pad: Callable[..., dict[str, torch.Tensor]]) -> 
 def _tiny_lora(seed: int = 0) -> torch.nn.Module:
     model, _ = load_base_model("tiny-qwen2")  # the same seeded random weights every time
     torch.manual_seed(seed)
-    inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    # lora_alpha=32 (scaling 8): the gradient norm is about 1.6, above the clipping threshold of
+    # 1.0, so a step that forgets to clip moves the weights differently (at scaling 2 it is 0.6,
+    # and clipping would change nothing to check).
+    inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=32)
     with torch.no_grad():  # a non-zero B, so every LoRA matrix gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -137,6 +140,9 @@ def check_evaluate_loop(evaluate_loop: Callable[..., list[dict[str, Any]]]) -> N
             Check.equal("'correct' uses the normalised comparison", [g.get("correct") for g in got],
                         want_correct, hint="Compare normalize_answer(prediction) with "
                                            "normalize_answer(expected)."),
-            Check.equal("'expected' is the last message", [g.get("expected") for g in got], expected),
+            Check.equal("'expected' is the last message", [g.get("expected") for g in got], expected,
+                        hint="expected = messages[-1]['content'] (the assistant's reference answer)."),
+            Check.equal("'question' is the user's message", [g.get("question") for g in got], questions,
+                        hint="question = messages[-2]['content'] (the user's turn before the answer)."),
         ]
     report("evaluate_loop", checks)

@@ -41,6 +41,13 @@ def _is_tensor(x: Any, dtype: torch.dtype | None = None) -> bool:
     return isinstance(x, torch.Tensor) and (dtype is None or x.dtype == dtype)
 
 
+def _differ(got: Any, want: torch.Tensor) -> str:
+    """``", N differ"`` when ``got`` holds as many values as ``want`` (else nothing to count)."""
+    if isinstance(got, torch.Tensor) and got.numel() == want.numel():
+        return f", {int((got.reshape(-1).long() != want.reshape(-1).long()).sum())} differ"
+    return ""
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}"
@@ -54,7 +61,8 @@ def check_nf4_code_book(nf4_code_book: Callable[[], torch.Tensor]) -> None:
     theirs = _bnb().get_4bit_type("nf4", device="cpu")
     checks = [Check.true("returns a float32 tensor of 16 values", _is_tensor(got, torch.float32)
                          and got.shape == (16,), "shape (16,), float32", _describe(got),
-                         hint="Build it with torch and end with .float() / dtype=torch.float32.")]
+                         hint="16 values (7 negative, an exact 0, 8 positive: 4 bits hold 16 codes) "
+                              "as float32: end with .float() or build with dtype=torch.float32.")]
     if not checks[0].passed:
         report("nf4_code_book", checks)
     checks += [
@@ -84,14 +92,16 @@ def check_quantize_blocks(quantize_blocks: Callable[..., tuple[torch.Tensor, tor
         got = call_learner(quantize_blocks, w, nf4_code(), blocksize)
         if not (isinstance(got, tuple) and len(got) == 2 and all(_is_tensor(t) for t in got)):
             report("quantize_blocks", [Check(f"returns (indices, absmax) (blocksize {blocksize})",
-                                             False, "a tuple of two tensors", _describe(got))])
+                                             False, "a tuple of two tensors", _describe(got),
+                                             "return indices, absmax")])
         idx, absmax = got
         checks.append(Check.close(f"absmax per block equals bitsandbytes' (blocksize {blocksize})",
                                   absmax, state.absmax, atol=0, rtol=0,
                                   hint="One value per block: w.view(-1, blocksize).abs().amax(dim=1)."))
         if idx.shape != want_idx.shape:
             checks.append(Check(f"one index per value (blocksize {blocksize})", False,
-                                f"shape {tuple(want_idx.shape)}", f"shape {tuple(idx.shape)}"))
+                                f"shape {tuple(want_idx.shape)}", f"shape {tuple(idx.shape)}",
+                                "One index per weight, flat: bucketize(scaled.view(-1), midpoints)."))
             continue
         wrong = (idx.long() != want_idx).nonzero().view(-1)
         scaled = (w.view(-1, blocksize) * (1.0 / state.absmax)[:, None]).view(-1)
@@ -126,7 +136,9 @@ def check_pack(pack_nibbles: Callable[[torch.Tensor], torch.Tensor],
     got = call_learner(pack_nibbles, indices)
     checks.append(Check.true("bytes identical to bitsandbytes' packed weight",
                              _is_tensor(got, torch.uint8) and torch.equal(got.view(-1), packed),
-                             f"{packed.numel()} identical bytes", _describe(got)))
+                             f"{packed.numel()} identical bytes", _describe(got) + _differ(got, packed),
+                             hint="uint8, two indices per byte, the first of each pair in the high "
+                                  "nibble: ((q[0::2] << 4) | q[1::2]).to(torch.uint8)."))
     back = call_learner(unpack_nibbles, packed, w.numel())
     checks.append(Check.true("unpack_nibbles(pack_nibbles(i)) == i",
                              _is_tensor(back) and back.shape == indices.shape
@@ -166,7 +178,8 @@ def check_double_quantize(double_quantize: Callable[..., tuple[torch.Tensor, tor
     got = call_learner(double_quantize, absmax)
     if not (isinstance(got, tuple) and len(got) == 3 and all(_is_tensor(t) for t in got)):
         report("double_quantize", [Check("returns (q8, absmax2, offset)", False,
-                                         "a tuple of three tensors", _describe(got))])
+                                         "a tuple of three tensors", _describe(got),
+                                         "return q8, absmax2, offset")])
     q8, absmax2, offset = got
     checks = [
         Check.close("offset = mean of the absmax constants (bitsandbytes' offset)", offset,
@@ -190,7 +203,9 @@ def check_double_quantize(double_quantize: Callable[..., tuple[torch.Tensor, tor
               f"bitsandbytes' (loracore.nf4 also snaps to its 65,536-point grid: always identical)")
     else:
         checks.append(Check("q8 is uint8 with one code per constant", False,
-                            f"uint8 of shape {tuple(state.absmax.shape)}", _describe(q8)))
+                            f"uint8 of shape {tuple(state.absmax.shape)}", _describe(q8),
+                            "One 8-bit code per absmax constant (drop the padding), as "
+                            ".to(torch.uint8)."))
     back = call_learner(double_dequantize, state.absmax, state.state2.absmax, state.offset)
     want = _bnb().dequantize_blockwise(state.absmax, state.state2) + state.offset
     checks.append(Check.close("double_dequantize gives bitsandbytes' absmax back", back, want,
@@ -207,8 +222,14 @@ def check_full_pipeline(packed: torch.Tensor, q8: torch.Tensor, weight: torch.Te
         and q8.shape == state.absmax.shape else None
     report("your NF4 of a real weight", [
         Check.true(f"{ref_packed.numel():,} packed bytes identical to bitsandbytes'", same_bytes,
-                   "identical bytes", _describe(packed)),
+                   "identical bytes", _describe(packed) + _differ(packed, ref_packed),
+                   hint="Exercises 2 and 3 passed on their own? Then feed them the flattened weight "
+                        "with the course's code book and blocksize 64: pack_nibbles(quantize_blocks("
+                        "weight.reshape(-1), CODE, 64)[0])."),
         Check.true("8-bit absmax within one code of bitsandbytes'", diff is not None
-                   and bool(diff.max() <= 1), "every constant", _describe(q8)),
+                   and bool(diff.max() <= 1), "every constant", _describe(q8) + (
+                       f", {int((diff > 1).sum())} off by more than one code" if diff is not None else ""),
+                   hint="q8 comes from double_quantize(absmax) with the absmax of blocksize 64 from "
+                        "quantize_blocks (exercise 5's function, unchanged)."),
     ])
 

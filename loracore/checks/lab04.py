@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from loracore import merge as M
-from loracore.selfcheck import Check, ExerciseFailed, call_learner, report
+from loracore.selfcheck import Check, ExerciseFailed, call_learner, exercise, report
 
 
 def _tasks(seed: int = 0, n: int = 3, shape: tuple[int, ...] = (6, 9)) -> list[torch.Tensor]:
@@ -27,10 +27,12 @@ def _tasks(seed: int = 0, n: int = 3, shape: tuple[int, ...] = (6, 9)) -> list[t
 
 def _tensor(name: str, got: object) -> torch.Tensor:
     if not isinstance(got, torch.Tensor):
-        raise ExerciseFailed(f"{name} should return a torch.Tensor, got {type(got).__name__}")
+        raise ExerciseFailed(f"{name} should return a torch.Tensor, got {type(got).__name__}: "
+                             f"end the function with `return` and the result tensor")
     return got
 
 
+@exercise(points=2)
 def check_trim(trim: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
     """Exercise 1: ``trim(t, density)`` keeps the top ``int(density * numel)`` by magnitude."""
     t = _tasks()[0]
@@ -42,8 +44,9 @@ def check_trim(trim: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
         checks.append(Check.close(f"density {density}: the {int(density * t.numel())} largest |t| kept, "
                                   f"the rest zero", got, want, atol=0, rtol=0,
                                   hint=f"kept {kept} entries. Rank |t| over the whole tensor "
-                                       f"(t.abs().flatten().topk(k)), k = int(density * t.numel()), "
-                                       f"and keep the original signed values there."))
+                                       f"(t.abs().flatten().topk(k)), k = int(density * t.numel()) "
+                                       f"(no more, no fewer), and keep the original signed values "
+                                       f"there."))
     small = torch.tensor([0.5, -2.0, 1.0, -0.1])
     checks.append(Check.close("the docstring example [0.5, -2, 1, -0.1] at 0.5 -> [0, -2, 1, 0]",
                               call_learner(trim, small.clone(), 0.5), torch.tensor([0.0, -2.0, 1.0, 0.0]),
@@ -51,6 +54,7 @@ def check_trim(trim: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
     report("trim", checks)
 
 
+@exercise(points=2)
 def check_elect(elect: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Exercise 2: ``elect(stacked)`` -> bool mask of entries agreeing with the sign of the sum."""
     stacked = torch.stack(_tasks())
@@ -72,11 +76,14 @@ def check_elect(elect: Callable[[torch.Tensor], torch.Tensor]) -> None:
             Check.equal("column of zeros: a 0 agrees with no sign", [row[2] for row in col],
                         [False, False, False],
                         hint="Compare t.sign() (which is 0 for 0) with the elected ±1, never >= 0."),
-            Check.close("every entry", got.int(), want.int(), atol=0, rtol=0),
+            Check.close("every entry", got.int(), want.int(), atol=0, rtol=0,
+                        hint="mask = stacked.sign() == elected, with elected = +1 where "
+                             "stacked.sum(0) >= 0 and -1 elsewhere."),
         ]
     report("elect", checks)
 
 
+@exercise(points=2)
 def check_disjoint_mean(disjoint_mean: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     """Exercise 3: ``disjoint_mean(stacked, mask)`` -> the mean over agreeing tasks only."""
     stacked = torch.stack(_tasks())
@@ -95,6 +102,7 @@ def check_disjoint_mean(disjoint_mean: Callable[[torch.Tensor, torch.Tensor], to
     ])
 
 
+@exercise(points=2)
 def check_drop_and_rescale(drop_and_rescale: Callable[..., torch.Tensor]) -> None:
     """Exercise 4: ``drop_and_rescale(t, density, generator)``: DARE, drawn like PEFT."""
     t = _tasks()[0]
@@ -110,14 +118,19 @@ def check_drop_and_rescale(drop_and_rescale: Callable[..., torch.Tensor]) -> Non
                    f"ratios {sorted({round(v, 3) for v in kept.tolist()})[:4]}",
                    hint="Multiply by the 0/1 mask, then divide by density."),
         Check.true("the expected value is kept: a tensor of 2.0 at density 0.25 averages about 2",
-                   abs(mean - 2.0) < 0.1, "mean within 0.1 of 2.0", f"{mean:.3f}"),
-        Check.close("the same mask as loracore/PEFT from the same generator", got, want, atol=0, rtol=0,
+                   abs(mean - 2.0) < 0.1, "mean within 0.1 of 2.0", f"{mean:.3f}",
+                   hint="Keep each entry with probability density, then divide the survivors by "
+                        "density (not by 1 - density): on average nothing changes."),
+        # 1e-5, not bit equality: t * mask / density and t * mask * (1 / density) differ in the last
+        # bit; a different mask is off by whole entries.
+        Check.close("the same mask as loracore/PEFT from the same generator", got, want, atol=1e-5, rtol=0,
                     hint="Draw the mask with torch.bernoulli(torch.full_like(t, density), "
                          "generator=generator): one draw per entry, in that way, so the random "
                          "stream matches."),
     ])
 
 
+@exercise(points=2)
 def check_ties(my_ties: Callable[..., torch.Tensor]) -> None:
     """Exercise 5: ``my_ties(task_tensors, weights, density)`` equals ``loracore.merge.ties``."""
     tasks = _tasks(seed=3)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from loracore.layer import lora_update
-from loracore.selfcheck import Check, call_learner, report
+from loracore.selfcheck import Check, call_learner, exercise, report
 
 
 def _stacks(seed: int = 0, d_in: int = 12, d_out: int = 10, max_rank: int = 4):
@@ -29,6 +29,7 @@ def _stacks(seed: int = 0, d_in: int = 12, d_out: int = 10, max_rank: int = 4):
     return A, B, A_stack, B_stack, scales, x, base_out
 
 
+@exercise(points=2)
 def check_gather_rows(gather_rows: Callable) -> None:
     """Exercise 1: ``gather_rows(A_stack, B_stack, scales, slots) -> (A_rows, B_rows, scale_rows)``."""
     _, _, A_stack, B_stack, scales, _, _ = _stacks()
@@ -42,11 +43,14 @@ def check_gather_rows(gather_rows: Callable) -> None:
     report("gather_rows", [
         Check.close("A_rows[i] is the stack entry of row i's slot", A_rows, A_stack[slots], atol=0, rtol=0,
                     hint="Index the first (slot) dimension with the whole slots tensor: A_stack[slots]."),
-        Check.close("B_rows[i] is the stack entry of row i's slot", B_rows, B_stack[slots], atol=0, rtol=0),
-        Check.close("scale_rows[i] is row i's scaling", s_rows, scales[slots], atol=0, rtol=0),
+        Check.close("B_rows[i] is the stack entry of row i's slot", B_rows, B_stack[slots], atol=0, rtol=0,
+                    hint="The same index as for A: B_stack[slots], so row i's A and B come from one slot."),
+        Check.close("scale_rows[i] is row i's scaling", s_rows, scales[slots], atol=0, rtol=0,
+                    hint="Gather the scalings too: scales[slots], one per row, not one per slot."),
     ])
 
 
+@exercise(points=4)
 def check_batched_lora(batched_lora: Callable) -> None:
     """Exercise 2: ``batched_lora(x, A_rows, B_rows, scale_rows) -> (rows, seq, out)`` with bmm."""
     A, B, A_stack, B_stack, scales, x, _ = _stacks(1)
@@ -55,11 +59,12 @@ def check_batched_lora(batched_lora: Callable) -> None:
     want = torch.stack([lora_update(x[i], A[s], B[s], scales[s].item()) for i, s in enumerate(slots.tolist())])
     report("batched_lora", [
         Check.close("row i = scale_i * (x_i @ A_i.T) @ B_i.T, each row with its own adapter", got, want,
-                    hint="h = torch.bmm(x, A_rows.transpose(1, 2)); then torch.bmm(h, B_rows.transpose(1, 2)); "
-                         "multiply by scale_rows.view(-1, 1, 1)."),
+                    hint="Each row uses its own adapter: h = torch.bmm(x, A_rows.transpose(1, 2)); then "
+                         "torch.bmm(h, B_rows.transpose(1, 2)); multiply by scale_rows.view(-1, 1, 1)."),
     ])
 
 
+@exercise(points=4)
 def check_mixed_lora(mixed_lora: Callable) -> None:
     """Exercise 3: ``mixed_lora(base_out, x, A_stack, B_stack, scales, slots)``; ``-1`` = no adapter."""
     A, B, A_stack, B_stack, scales, x, base_out = _stacks(2)
@@ -78,7 +83,10 @@ def check_mixed_lora(mixed_lora: Callable) -> None:
                                                "must not even have 0 added."))
             else:
                 want = before[i] + lora_update(x[i], A[s], B[s], scales[s].item())
-                checks.append(Check.close(f"row {i} = base + its adapter (slot {s})", got[i], want))
+                checks.append(Check.close(f"row {i} = base + its adapter (slot {s})", got[i], want,
+                                          hint="Row i adds the adapter of slot slots[i]: A_stack[slots[i]], "
+                                               "B_stack[slots[i]], scales[slots[i]] (gather, then bmm)."))
     else:
-        checks.append(Check.close("output shape", got, before))
+        checks.append(Check.close("output shape", got, before,
+                                  hint="Return a tensor shaped like base_out: (rows, seq, out)."))
     report("mixed_lora", checks)
