@@ -385,7 +385,7 @@ def _pairs(tensors: dict[str, torch.Tensor], weights: Path) -> dict[str, dict[st
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
-                 strict: bool = True) -> nn.Module:
+                 strict: bool = True, fingerprint_cache: dict | None = None) -> nn.Module:
     """Load an adapter folder written by loracore or PEFT into ``model`` (in place).
 
     ``path`` is the folder (or one of its two files). LoRA layers are injected where the file
@@ -394,7 +394,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     an adapter whose recorded base fingerprint differs from ``model``, or whose config no
     longer matches its weights file, is refused; ``strict=False`` loads it with a warning.
     All or nothing: everything is checked first, and a failure leaves ``model`` as it was.
-    Returns ``model``.
+
+    ``fingerprint_cache``: a dict the caller keeps between loads into the same ``model`` (keyed
+    by the targeted module names), so the base weights are hashed once per set of layers instead
+    of once per load. Valid only while the base weights do not change (a server that never writes
+    them, like :class:`loracore.serve.AdapterRegistry`). Returns ``model``.
     """
     adapter_name = "default" if adapter_name is None else adapter_name
     check_adapter_args("load_adapter", adapter_name, 1, 1.0)
@@ -445,10 +449,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             raise ValueError(f"load_adapter: {weights} has no tensors for modules {missing}, which "
                              f"the adapter was saved with: the file is incomplete or was edited. "
                              f"Save the adapter again")
-        try:
-            current = base_fingerprint(model, list(pairs))
-        except ValueError as e:
-            raise ValueError(f"load_adapter: {e}") from None
+        key = tuple(sorted(pairs))
+        if fingerprint_cache is not None and key in fingerprint_cache:
+            current = fingerprint_cache[key]
+        else:
+            try:
+                current = base_fingerprint(model, list(pairs))
+            except ValueError as e:
+                raise ValueError(f"load_adapter: {e}") from None
+            if fingerprint_cache is not None:
+                fingerprint_cache[key] = current
         foreign = _compare(saved_fp, current)
         _refuse_or_warn(foreign, f"{path} was trained on a different base model",
                         "An adapter is tied to its exact base. Pass strict=False to load it anyway.",

@@ -270,3 +270,22 @@ def test_unreadable_config_or_record_names_the_file(base, trained, tmp_path):
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"loracore": "{"})
     with pytest.raises(ValueError, match=f"loracore record in .*{WEIGHTS_NAME} is not valid JSON"):
         load_adapter(copy.deepcopy(base), folder)
+
+
+def test_fingerprint_cache_hashes_once_and_is_really_used(base, trained, tmp_path, monkeypatch):
+    """With fingerprint_cache the base is hashed once per set of layers; a cached fingerprint
+    is what the check compares against (a wrong one in the cache is refused)."""
+    save_adapter(trained, tmp_path / "ad")
+    calls = []
+    real = adapters.base_fingerprint
+    monkeypatch.setattr(adapters, "base_fingerprint", lambda m, names: calls.append(1) or real(m, names))
+    cache: dict = {}
+    load_adapter(base, tmp_path / "ad", "one", fingerprint_cache=cache)
+    load_adapter(base, tmp_path / "ad", "two", fingerprint_cache=cache)
+    assert len(calls) == 1 and len(cache) == 1
+    key = next(iter(cache))
+    cache[key] = dict(cache[key], weights_sha256="0" * 64)  # a cache that lies about the base
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(base, tmp_path / "ad", "three", fingerprint_cache=cache)
+    load_adapter(base, tmp_path / "ad", "four")  # without the cache: hashed again, accepted
+    assert len(calls) == 2

@@ -14,24 +14,18 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-import loracore.adapters as adapters_module
 from loracore.adapters import load_adapter
 from loracore.layer import LoRALinear
 from loracore.serve.batched import SlotStack, use_slots
 from loracore.surgery import lora_layers
 
 __all__ = ["AdapterRegistry", "AdapterInfo", "AdapterError", "UnknownAdapter", "NoFreeSlot"]
-
-
-_PATCH_LOCK = threading.Lock()
 
 
 class AdapterError(ValueError):
@@ -102,33 +96,6 @@ class AdapterRegistry:
         self._device = param.device
 
     # ---- reading a folder -----------------------------------------------------------------
-    @contextmanager
-    def _cached_fingerprints(self) -> Iterator[None]:
-        """Let load_adapter reuse the base fingerprint it computed for the same layers before.
-
-        Hashing every targeted base weight is most of a load's time (seconds on SmolLM2), and
-        the registry never writes the base weights, so the fingerprint of a set of layers cannot
-        change while it serves. The cache is keyed by this model and the layer names; loads
-        into any other model go to the real function. (A ``fingerprint=`` argument on
-        load_adapter would make this patch unnecessary.)
-        """
-        real = adapters_module.base_fingerprint
-        memo, model = self._fingerprints, self.model
-
-        def cached(m: nn.Module, names: list[str]) -> dict:
-            if m is not model:
-                return real(m, names)
-            key = tuple(names)
-            if key not in memo:
-                memo[key] = real(m, names)
-            return memo[key]
-        with _PATCH_LOCK:  # one patch at a time, so two registries never restore each other's
-            adapters_module.base_fingerprint = cached
-            try:
-                yield
-            finally:
-                adapters_module.base_fingerprint = real
-
     def _read(self, path: Path) -> tuple[Factors, dict]:
         """Read and check an adapter folder; return its factors. The model is left exactly as
         it was, whatever happens (load_adapter wraps layers, so they are unwrapped again)."""
@@ -140,8 +107,8 @@ class AdapterRegistry:
         grads = {p: p.requires_grad for p in model.parameters()}
         factors: Factors = {}
         try:
-            with self._cached_fingerprints():
-                load_adapter(model, path, internal)
+            # the registry never writes the base weights: hash each set of layers once
+            load_adapter(model, path, internal, fingerprint_cache=self._fingerprints)
             if any(internal in layer.lora_magnitude_vector for layer in lora_layers(model).values()):
                 raise AdapterError(f"AdapterRegistry: {path} is a DoRA adapter (use_dora=true), which "
                                    f"slot-based serving (like vLLM) cannot apply: merge it into the base "
