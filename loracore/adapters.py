@@ -162,6 +162,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     folder = Path(os.path.realpath(path))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_adapter: {folder} is a file; give a folder path")
+    foreign = foreign_adapters(model).get(adapter_name)
+    if foreign:
+        warnings.warn(f"save_adapter: adapter {adapter_name!r} was loaded (strict=False) onto a base "
+                      f"it was not trained on (" + "; ".join(foreign) + f"); the file written to "
+                      f"{folder} records THIS model as its base", stacklevel=2)
 
     tensors = {}
     for name, layer in layers.items():

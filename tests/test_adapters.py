@@ -289,3 +289,15 @@ def test_fingerprint_cache_hashes_once_and_is_really_used(base, trained, tmp_pat
         load_adapter(base, tmp_path / "ad", "three", fingerprint_cache=cache)
     load_adapter(base, tmp_path / "ad", "four")  # without the cache: hashed again, accepted
     assert len(calls) == 2
+
+
+def test_saving_an_adapter_loaded_onto_another_base_warns(trained, tmp_path):
+    save_adapter(trained, tmp_path / "ad")
+    other = tiny_qwen2()
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    with pytest.warns(UserWarning, match="different base model"):
+        load_adapter(other, tmp_path / "ad", strict=False)
+    with pytest.warns(UserWarning, match="loaded \\(strict=False\\) onto a base it was not trained on"):
+        save_adapter(other, tmp_path / "again")
+    assert (tmp_path / "again" / WEIGHTS_NAME).exists()
