@@ -85,6 +85,15 @@ def test_batched_delta_equals_lora_update_per_row_and_leaves_other_rows_alone():
     Ar, Br, sr = gather_factors(A_stack, B_stack, scales, slots.clamp(min=0))
     assert Ar.shape == (5, 8, 24) and Br.shape == (5, 40, 8) and sr.tolist() == [0.5, 2.0, 2.0, 0.5, 2.0]
     assert batched_lora_delta(x, Ar, Br, sr).shape == (5, 7, 40)
+    # every row with an adapter takes the path without gather/scatter: the same bits as the rows
+    # computed among rows without one, and still no in-place change
+    full = torch.tensor([1, 0, 0, 1, 1])
+    every = apply_mixed_lora(base, x, A_stack, B_stack, scales, full)
+    assert torch.equal(base, before)
+    assert torch.equal(every[[0, 3]], out[[0, 3]]) and torch.equal(every[2], out[2])
+    for i, s in enumerate(full.tolist()):
+        want = base[i] + lora_update(x[i], A[s], B[s], scales[s].item())
+        torch.testing.assert_close(every[i], want, atol=1e-5, rtol=1e-6)  # entries of size ~50
 
 
 # ---- registry + mixed forward -------------------------------------------------------------
