@@ -105,7 +105,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float 
     ``loraplus_lr_ratio`` times faster than ``lora_A``.
 
     Returns groups ``{"name", "params", "lr", "weight_decay"}`` for the trainable ``lora_A``
-    weights (lr), ``lora_B`` weights (lr · ratio) and any other trainable parameters (lr);
+    weights (lr), ``lora_B`` weights and DoRA magnitudes (lr · ratio, as in PEFT's
+    ``create_loraplus_optimizer``) and any other trainable parameters (lr);
     pass them straight to ``torch.optim.AdamW``.
     """
     if lr <= 0 or loraplus_lr_ratio <= 0:
@@ -115,7 +116,9 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else "other"
+        # DoRA's magnitude vector learns at B's rate, as PEFT's LoRA+ optimizer puts it
+        key = ("lora_A" if ".lora_A." in name else
+               "lora_B" if ".lora_B." in name or ".lora_magnitude_vector." in name else "other")
         groups[key].append(p)
     if not groups["lora_A"] and not groups["lora_B"]:
         raise ValueError("loraplus_param_groups: the model has no trainable LoRA parameters; "

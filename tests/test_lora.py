@@ -392,6 +392,30 @@ def test_loraplus_param_groups():
         loraplus_param_groups(tiny_qwen2(), lr=1e-4)
 
 
+def test_loraplus_groups_dora_magnitudes_with_B_as_peft_does():
+    """PEFT's create_loraplus_optimizer gives lora_B and 1-D adapter parameters (DoRA's
+    magnitude) lr · ratio; loracore's groups hold the same parameters at the same rates."""
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours = tiny_qwen2()
+    inject(ours, ["q_proj", "v_proj"], r=4, lora_alpha=8, use_dora=True)
+    groups = {g["name"]: g for g in loraplus_param_groups(ours, lr=1e-4, loraplus_lr_ratio=16)}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    fast = sorted(names[id(p)].split(".", 1)[1] for p in groups["lora_B"]["params"])
+    assert sum(".lora_magnitude_vector." in n for n in fast) == 4 and groups["lora_B"]["lr"] == pytest.approx(16e-4)
+
+    theirs = get_peft_model(tiny_qwen2(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     use_dora=True))
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16)
+    pnames = {id(p): n for n, p in theirs.named_parameters()}
+    peft_fast = sorted(pnames[id(p)].removeprefix("base_model.model.").split(".", 1)[1]
+                       .replace(".default.", ".").replace(".default", "")
+                       for g in opt.param_groups if g["lr"] == pytest.approx(16e-4) for p in g["params"])
+    ours_fast = sorted(n.replace(".default.", ".").replace(".default", "") for n in fast)
+    assert ours_fast == peft_fast
+
+
 def test_regex_target_and_reinjection_match_exact_names():
     model = tiny_qwen2()
     inject(model, r"model\.layers\.1\.mlp\.(up|down)_proj", r=2, lora_alpha=2)
