@@ -44,7 +44,7 @@ from loracore.train import causal_lm_loss, lr_schedule
 
 ARGS_NAME, HISTORY_NAME, CHECKPOINT_NAME = "training_args.json", "history.json", "checkpoint"
 #: What a run's result depends on: a --resume must agree on every one of these.
-RUN_SETTINGS = ("model", "data_sha256", "r", "lora_alpha", "lora_dropout", "use_rslora",
+RUN_SETTINGS = ("model", "data_sha256", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora",
                 "target_modules", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
                 "warmup_steps", "schedule", "max_grad_norm", "max_length", "qlora", "seed", "dtype")
 OUR_FILES = {ARGS_NAME, HISTORY_NAME, CHECKPOINT_NAME, "adapter_model.safetensors",
@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--lora-alpha", type=_positive_float, default=32.0, help="LoRA alpha (default 32)")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default 0)")
     a("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    a("--use-dora", action="store_true",
+      help="DoRA (Liu et al. 2024): a trained magnitude per output feature on top of LoRA "
+           "(PEFT's use_dora; vLLM does not serve DoRA adapters: merge them first)")
     a("--target-modules", default="all-linear",
       help="'all-linear' or comma-separated layer names such as q_proj,v_proj")
     a("--steps", type=_positive_int, required=True, help="optimizer steps")
@@ -141,7 +144,8 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"model": args.model, "data": str(args.data), "data_sha256": _sha256(args.data),
             "eval": str(args.eval) if args.eval else None, "r": args.r,
             "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "use_rslora": args.use_rslora, "target_modules": targets, "steps": args.steps,
+            "use_rslora": args.use_rslora, "use_dora": args.use_dora, "target_modules": targets,
+            "steps": args.steps,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
             "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
             "schedule": args.schedule, "max_grad_norm": args.max_grad_norm,
@@ -177,8 +181,9 @@ def _check_out(args: argparse.Namespace, settings: dict[str, Any]) -> dict | Non
         if not (out / ARGS_NAME).is_file():
             raise FinetuneError(f"--resume: {out} holds no {ARGS_NAME}, so no run to continue")
         saved = json.loads((out / ARGS_NAME).read_text())
-        differ = [f"{k}: the checkpoint's run has {saved.get(k)!r}, this command {settings[k]!r}"
-                  for k in RUN_SETTINGS if saved.get(k) != settings[k]]
+        defaults = {"use_dora": False}  # runs saved before the option existed had none
+        differ = [f"{k}: the checkpoint's run has {saved.get(k, defaults.get(k))!r}, this command "
+                  f"{settings[k]!r}" for k in RUN_SETTINGS if saved.get(k, defaults.get(k)) != settings[k]]
         if differ:
             raise FinetuneError(f"--resume: {out} is a different run; resuming would not give "
                                 f"its result. Settings that differ:\n  - " + "\n  - ".join(differ))
@@ -216,7 +221,7 @@ def _load_model(args: argparse.Namespace, settings: dict, device: torch.device, 
         quantize_model(model)
     torch.manual_seed(args.seed)  # the adapter's init: the same on every process
     inject(model, settings["target_modules"], r=args.r, lora_alpha=args.lora_alpha,
-           lora_dropout=args.lora_dropout, use_rslora=args.use_rslora)
+           lora_dropout=args.lora_dropout, use_rslora=args.use_rslora, use_dora=args.use_dora)
     return model.to(device), tokenizer
 
 

@@ -100,6 +100,23 @@ def test_outputs_load_back_and_record_the_run(tmp_path):
                        saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
 
 
+def test_use_dora_trains_and_saves_a_dora_adapter(tmp_path):
+    out = tmp_path / "dora"
+    assert _run(out, "--steps", "2", "--use-dora") == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    assert json.loads((out / "training_args.json").read_text())["use_dora"] is True
+    saved = _adapter(out)
+    assert sum("lora_magnitude_vector" in k for k in saved) == sum(".lora_A." in k for k in saved) > 0
+
+    from loracore.adapters import load_adapter
+    from loracore.models import load_base_model
+    model, _ = load_base_model("tiny-qwen2", verbose=False)
+    load_adapter(model, out)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert "default" in layer.lora_magnitude_vector
+
+
 def test_model_from_a_local_folder_and_qlora(tmp_path):
     from loracore.models import load_base_model
     model, tokenizer = load_base_model("tiny-qwen2", verbose=False)
