@@ -17,7 +17,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -93,14 +93,24 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "Linear4bit":
-        """Quantize ``linear.weight`` to NF4. ``compute_dtype`` defaults to the weight's dtype."""
+                    compute_dtype: torch.dtype | None = None,
+                    quantizer: Callable[[torch.Tensor], NF4Tensor] | None = None) -> "Linear4bit":
+        """Quantize ``linear.weight`` to NF4. ``compute_dtype`` defaults to the weight's dtype.
+
+        ``quantizer``: your own function from the ``(out, in)`` weight to an :class:`NF4Tensor`
+        (lab 03 passes the learner's), used instead of :func:`quantize_nf4`; ``blocksize`` and
+        ``double_quant`` are then up to the quantizer. What it returns is checked."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_linear: expected nn.Linear, got {type(linear).__name__}")
         if compute_dtype is not None:
             _check_compute_dtype(compute_dtype, "Linear4bit.from_linear")
         with torch.no_grad():
-            q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+            w = linear.weight.detach()
+            if quantizer is None:
+                q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+            else:
+                q = quantizer(w)
+                _check_quantized(q, w)
         return cls(q, linear.bias, compute_dtype=compute_dtype or linear.weight.dtype)
 
     @property
@@ -143,6 +153,24 @@ class Linear4bit(nn.Module):
                 f"{q.bits_per_param:.3f} bits/param")
 
 
+def _check_quantized(q: object, w: torch.Tensor) -> None:
+    """What a custom quantizer returned must describe ``w``: an NF4Tensor of its shape, with
+    one packed byte per two values and one constant per block."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"the quantizer returned {type(q).__name__}, not a loracore.nf4.NF4Tensor")
+    if tuple(q.shape) != tuple(w.shape):
+        raise ValueError(f"the quantizer's NF4Tensor has shape {tuple(q.shape)}; the weight is "
+                         f"{tuple(w.shape)}")
+    need = -(-w.numel() // 2)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != need:
+        raise ValueError(f"the quantizer's packed codes are {q.packed.numel()} {q.packed.dtype} "
+                         f"values; {w.numel()} weights need {need} uint8 bytes")
+    blocks = -(-w.numel() // q.blocksize)
+    if q.absmax.numel() != blocks:
+        raise ValueError(f"the quantizer gives {q.absmax.numel()} block constants; {w.numel()} "
+                         f"weights in blocks of {q.blocksize} need {blocks}")
+
+
 def _skip_names(skip: object) -> set[str]:
     """``skip`` as a set of names: one string is one name (not a set of characters)."""
     if isinstance(skip, str):
@@ -168,7 +196,8 @@ _DEFAULT_SKIP = ("lm_head",)
 
 
 def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, *, blocksize: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> nn.Module:
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   quantizer: Callable[[torch.Tensor], NF4Tensor] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a :class:`Linear4bit`, in place.
 
     ``skip``: layer names kept as they are: a name matches a module's last name part (e.g.
@@ -182,6 +211,9 @@ def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, 
     the model is put back exactly as it was (same modules, weights and ``requires_grad``).
     The price: at the peak the original layers and their 4-bit copies (about 4.1/16 of a
     bfloat16 layer's bytes) are held together, where swapping one by one held one layer's.
+
+    ``quantizer``: a function ``(out, in) weight -> NF4Tensor`` to use instead of loracore's
+    (see :meth:`Linear4bit.from_linear`); what it returns is checked layer by layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
@@ -224,7 +256,8 @@ def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, 
     for name in targets:
         try:
             new[name] = Linear4bit.from_linear(linears[name], blocksize=blocksize,
-                                               double_quant=double_quant, compute_dtype=compute_dtype)
+                                               double_quant=double_quant, compute_dtype=compute_dtype,
+                                               quantizer=quantizer)
         except Exception as exc:
             msg = f"quantize_model: layer '{name}': {exc}; nothing was quantized"
             try:

@@ -232,3 +232,36 @@ def load_fingerprint(path) -> dict:
     from safetensors import safe_open
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         return json.loads(f.metadata()["loracore"])["base_fingerprint"]
+
+
+def test_quantize_model_with_your_own_quantizer(tiny):
+    """quantizer= uses the caller's function (lab 03 passes the learner's NF4); what it returns
+    is checked per layer, and a bad one leaves the model as it was."""
+    from loracore.models import load_base_model
+
+    model, _ = tiny
+    calls = []
+
+    def mine(w: torch.Tensor) -> NF4Tensor:
+        calls.append(tuple(w.shape))
+        return quantize_nf4(w, blocksize=64, double_quant=True)
+
+    quantize_model(model, quantizer=mine)
+    reference = quantize_model(load_base_model("tiny-qwen2", verbose=False)[0])
+    assert len(calls) == 14
+    for (name, a), b in zip(model.named_modules(), reference.modules()):
+        if isinstance(a, Linear4bit):
+            assert torch.equal(a.weight.packed, b.weight.packed) and torch.equal(a.weight.absmax, b.weight.absmax)
+
+    def half(w):  # a plausible slip: one code per byte, or the wrong number of bytes
+        q = quantize_nf4(w, blocksize=64, double_quant=True)
+        return NF4Tensor(q.packed[: q.packed.numel() // 2], q.absmax, q.shape, q.dtype, q.blocksize,
+                         q.offset, q.absmax2)
+
+    for bad, exc, message in ((lambda w: w, TypeError, "returned Tensor, not a loracore.nf4.NF4Tensor"),
+                              (half, ValueError, "uint8 bytes")):
+        fresh = load_base_model("tiny-qwen2", verbose=False)[0]
+        before = {n: type(m) for n, m in fresh.named_modules()}
+        with pytest.raises(exc, match=r"quantize_model: layer 'model\.layers\.0\.self_attn\.q_proj': .*" + message):
+            quantize_model(fresh, quantizer=bad)
+        assert {n: type(m) for n, m in fresh.named_modules()} == before
