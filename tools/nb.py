@@ -98,6 +98,12 @@ def problems(path: Path) -> list[str]:
             text = str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
             if ADDRESS.search(text):
                 found.append(f"cell {i} prints a memory address")
+    ran = any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code")
+    executed = [i for i in figures_missing(nb)
+                if RAISES not in nb.cells[i].metadata.get("tags", [])] if ran else []
+    if executed:
+        found.append(f"cells {executed} draw a figure but store none (executed with a "
+                     f"non-interactive matplotlib backend?)")
     return found
 
 
@@ -170,10 +176,15 @@ def lab_pairs() -> list[tuple[Path, Path]]:
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the kernels started inside the block, then restore them."""
+def _environment(**values: str | None) -> Iterator[None]:
+    """Set (a value) or remove (None) environment variables for the kernels started inside the
+    block, then restore them."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
@@ -191,9 +202,32 @@ def execute(path: Path, *, fast: bool = False, timeout: int = 3600) -> Any:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    with _environment(LORACORE_FAST="1" if fast else "0"):
+    # MPLBACKEND=Agg (handy for tests) would make every figure vanish from the stored outputs:
+    # the kernel must pick Jupyter's inline backend itself
+    with _environment(LORACORE_FAST="1" if fast else "0", MPLBACKEND=None):
         client.execute()
+    missing = figures_missing(nb)
+    if missing:
+        raise RuntimeError(f"{path}: cells {missing} draw a figure but stored none (is the "
+                           f"matplotlib backend non-interactive?); outputs not written")
     return nb
+
+
+def figures_missing(nb: Any) -> list[int]:
+    """Indices of code cells that call ``plt.show()``/``plt.subplots`` or ``ax.`` plotting but
+    have no image among their outputs."""
+    draws = re.compile(r"plt\.(show|subplots|figure)\(|\.(plot|bar|loglog|semilogy)\(")
+    missing = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not draws.search(cell.source):
+            continue
+        if "widgets." in cell.source:  # an interactive widget draws live; clean() drops its output
+            continue
+        if not any("image/png" in out.get("data", {}) or WIDGET_MIME in out.get("data", {})
+                   or out.get("output_type") == "error"
+                   for out in cell.get("outputs", [])):
+            missing.append(i)
+    return missing
 
 
 # --------------------------------------------------------------------------- CLI
