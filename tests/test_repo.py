@@ -118,3 +118,20 @@ def test_clean_numbers_cells_and_drops_noise():
     assert [c.get("execution_count") for c in cleaned.cells[1:]] == [1, None, 2]
     assert cleaned.cells[1].metadata == {} and cleaned.cells[1].outputs[0].text == "done\n"
     assert nbformat.writes(nbtools.clean(cleaned)) == nbformat.writes(cleaned)  # idempotent
+
+
+def test_a_notebook_that_lost_its_figures_is_flagged(tmp_path):
+    """Executed with a non-interactive backend (MPLBACKEND=Agg), a drawing cell stores no image:
+    nb.py check must say so, and a cell with its image (or a live widget) passes."""
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    png = new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    text = new_output("stream", name="stdout", text="ok\n")
+    nb = new_notebook(cells=[new_code_cell("print('ok')", outputs=[text]),
+                             new_code_cell("fig, ax = plt.subplots()\nax.plot([1, 2])", outputs=[png]),
+                             new_code_cell("plt.show()", outputs=[]),
+                             new_code_cell("display(widgets.VBox([]))\nax.plot([1])", outputs=[])])
+    path = tmp_path / "figs.ipynb"
+    nbformat.write(nbtools.clean(nb), path)
+    assert nbtools.figures_missing(nbformat.read(path, as_version=4)) == [2]
+    assert any("cells [2] draw a figure but store none" in p for p in nbtools.problems(path))
