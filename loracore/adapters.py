@@ -11,9 +11,9 @@ A folder holds two files, exactly as ``peft.PeftModel.save_pretrained`` writes t
 The config holds PEFT's keys only. loracore's own record goes into the safetensors header
 (``__metadata__["loracore"]``, a JSON string that PEFT ignores): a fingerprint of the base model
 the adapter was trained on (architecture, target shapes, a hash of the targeted base weights,
-float or 4-bit) and the scaling keys of the config the weights were saved with. An adapter only
-means something on that exact base, so loading onto another is refused, and so is a config that
-no longer matches its weights (an interrupted save, or a hand-edited ``lora_alpha``).
+float or 4-bit; :mod:`loracore.fingerprint`) and the scaling keys of the config the weights
+were saved with. An adapter only means something on that exact base, so loading onto another is
+refused, and so is a config that no longer matches its weights (an interrupted save, or a hand-edited ``lora_alpha``).
 Only safetensors are read: a pickle file (``.bin``, ``.pt``) can run code when loaded.
 
 Saving is crash-safe (:mod:`loracore.atomic`): both files are written into a fresh hidden sibling
@@ -26,7 +26,6 @@ is checked before the model changes, and a failure half-way leaves the model as 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import math
@@ -40,7 +39,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loracore.atomic import recover, write_folder
-from loracore.layer import LoRALinear, check_adapter_args, is_float_linear
+from loracore.fingerprint import base_fingerprint, compare_fingerprints, foreign_adapters, record_foreign
+from loracore.layer import LoRALinear, check_adapter_args
 from loracore.surgery import all_or_nothing, inject, linear_layer_names, lora_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,87 +53,6 @@ MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for DoRA's magnitude (no ".wei
 
 __all__ = ["save_adapter", "load_adapter", "base_fingerprint", "foreign_adapters", "WEIGHTS_NAME",
            "CONFIG_NAME"]
-
-#: attribute (in the model's ``__dict__``) recording adapters loaded onto a base that is not theirs
-_FOREIGN = "_loracore_foreign_adapters"
-
-
-def foreign_adapters(model: nn.Module) -> dict[str, list[str]]:
-    """Adapters that :func:`load_adapter` loaded with ``strict=False`` onto a base their file's
-    fingerprint does not match: ``{adapter name: [what differs, ...]}`` (empty when none).
-
-    Adapters made in memory (:func:`~loracore.surgery.inject`) or loaded onto their own base are
-    not listed. Operations that mix adapters (:func:`loracore.combine.combine_adapters`) use it
-    to refuse combining task vectors that were learned against different weights."""
-    record = model.__dict__.get(_FOREIGN, {})
-    present = {a for layer in lora_layers(model).values() for a in layer.lora_A}
-    return {name: list(problems) for name, problems in record.items() if name in present}
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor, whatever its dtype or device."""
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
-
-
-def base_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
-    """What an adapter depends on: the model class, each target's ``[out, in]``, and a
-    SHA-256 of the targeted base weights.
-
-    ``weights_sha256`` (every target a float ``nn.Linear``, else ``None``) is taken on the
-    weights rounded to bfloat16, so an adapter saved on a float32 base also matches the same
-    base loaded in bfloat16. ``quantized_sha256`` (every target quantized, e.g. ``Linear4bit``,
-    else ``None``) is taken on the stored tensors themselves (packed codes and constants): the
-    same checkpoint quantized with the same settings gives the same bytes on any device. A
-    4-bit base and its float original are not compared by hash (shapes only), so a QLoRA
-    adapter can still be loaded onto the float base, for example to merge it.
-    """
-    float_digest, quant_digest = hashlib.sha256(), hashlib.sha256()
-    kinds = set()
-    targets = {}
-    for name in sorted(module_names):
-        layer = model.get_submodule(name)
-        base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-        if isinstance(layer, LoRALinear) and layer.merged:
-            raise ValueError(f"module {name!r} has merged adapters {layer.merged_adapters}; "
-                             f"unmerge() first, so the base weights can be fingerprinted")
-        targets[name] = [base.out_features, base.in_features]
-        if is_float_linear(base):
-            kinds.add("float")
-            float_digest.update(name.encode() + b"\0")
-            float_digest.update(_tensor_bytes(base.weight.to(torch.bfloat16)))
-        else:
-            kinds.add("quantized")
-            for key, t in sorted(base.state_dict().items()):
-                if key == "bias":
-                    continue
-                quant_digest.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + b"\0")
-                quant_digest.update(_tensor_bytes(t))
-    return {"architecture": type(model).__name__, "targets": targets,
-            "weights_sha256": float_digest.hexdigest() if kinds == {"float"} else None,
-            "quantized_sha256": quant_digest.hexdigest() if kinds == {"quantized"} else None}
-
-
-def _compare(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two fingerprints (empty when they agree)."""
-    problems = []
-    if saved.get("architecture") != current["architecture"]:
-        problems.append(f"architecture: adapter was trained on {saved.get('architecture')}, "
-                        f"this model is {current['architecture']}")
-    for name, shape in saved.get("targets", {}).items():
-        if name in current["targets"] and list(shape) != current["targets"][name]:
-            problems.append(f"module {name!r}: base layer was [out, in] = {list(shape)}, "
-                            f"here it is {current['targets'][name]}")
-    a, b = saved.get("weights_sha256"), current["weights_sha256"]
-    if not problems and a is not None and b is not None and a != b:
-        problems.append("base weights: the targeted weights hash differently (same shapes, "
-                        "different values: another checkpoint or a fine-tuned variant)")
-    a, b = saved.get("quantized_sha256"), current["quantized_sha256"]
-    if not problems and a is not None and b is not None and a != b:
-        problems.append("base weights: the quantized weights hash differently (same shapes, "
-                        "different bytes: another checkpoint, or quantized with other settings "
-                        "such as the blocksize or double quantization)")
-    return problems
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -464,7 +383,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                 raise ValueError(f"load_adapter: {e}") from None
             if fingerprint_cache is not None:
                 fingerprint_cache[key] = current
-        foreign = _compare(saved_fp, current)
+        foreign = compare_fingerprints(saved_fp, current)
         _refuse_or_warn(foreign, f"{path} was trained on a different base model",
                         "An adapter is tied to its exact base. Pass strict=False to load it anyway.",
                         strict)
@@ -492,8 +411,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                     if what in ab:
                         weight = getattr(layer, what)[adapter_name].weight
                         weight.copy_(ab[what].to(weight.device, weight.dtype))
-    record = model.__dict__.setdefault(_FOREIGN, {})
-    record.pop(adapter_name, None)
-    if foreign:
-        record[adapter_name] = foreign
+    record_foreign(model, adapter_name, foreign)
     return model
