@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loracore.atomic import recover, write_folder
-from loracore.fingerprint import base_fingerprint, compare_fingerprints, foreign_adapters, record_foreign
+from loracore.fingerprint import (base_fingerprint, compare_fingerprints, foreign_adapters,
+                                  record_foreign)
 from loracore.layer import LoRALinear, check_adapter_args
 from loracore.surgery import all_or_nothing, inject, linear_layer_names, lora_layers
 

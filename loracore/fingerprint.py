@@ -26,8 +26,9 @@ _FOREIGN = "_loracore_foreign_adapters"
 
 
 def foreign_adapters(model: nn.Module) -> dict[str, list[str]]:
-    """Adapters that :func:`loracore.adapters.load_adapter` loaded with ``strict=False`` onto a base their file's
-    fingerprint does not match: ``{adapter name: [what differs, ...]}`` (empty when none).
+    """Adapters that :func:`loracore.adapters.load_adapter` loaded with ``strict=False`` onto a
+    base their file's fingerprint does not match: ``{adapter name: [what differs, ...]}`` (empty
+    when none).
 
     Adapters made in memory (:func:`~loracore.surgery.inject`) or loaded onto their own base are
     not listed. Operations that mix adapters (:func:`loracore.combine.combine_adapters`) use it
