@@ -12,16 +12,27 @@ import logging as _logging
 
 
 class _NoKernelsHubNotice(_logging.Filter):
-    """Drop bitsandbytes' notice that its optional CPU kernel could not be fetched.
+    """Drop the two lines that say bitsandbytes' optional CPU kernel was not fetched.
 
-    On CPUs with AVX512-BF16, importing bitsandbytes (which PEFT does) tries to download a
-    faster 4-bit matmul from a kernel hub and logs a warning when that fails. The course runs
-    offline by design and bitsandbytes falls back to its own kernel, so the line is noise a
-    learner cannot act on; every other bitsandbytes message still shows.
+    On CPUs with AVX512-BF16, importing bitsandbytes (which PEFT does) asks the ``kernels``
+    package for a faster 4-bit matmul from a kernel hub. Offline, ``kernels`` (a dependency of
+    transformers since 5.25) first notes that it skips the hub's publisher check, then
+    bitsandbytes notes that the download failed and falls back to its own kernel. The course
+    runs offline by design, so both lines are noise a learner cannot act on; every other
+    message of either logger still shows.
     """
 
+    NOTICES = (
+        "gemm_4bit_forward from kernels-community",  # bitsandbytes: the kernel was not fetched
+        "publisher trust check for 'kernels-community/quantization-bitsandbytes'",  # kernels
+    )
+
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
 
 
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())
+# A filter on a logger sees only the records logged to that very logger, so name both.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).addFilter(_NoKernelsHubNotice())
+del _name

@@ -39,3 +39,27 @@ def test_only_the_kernel_hub_notice_of_bitsandbytes_is_silenced(caplog):
         log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
         log.warning("some other bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+    log = logging.getLogger("kernels._internals.hf_hub")
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        log.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+                    " because Hugging Face Hub is in offline mode.")
+        log.warning("Skipping publisher trust check for 'someone/else' because ...")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping publisher trust check for 'someone/else' because ..."]
+
+
+def test_importing_peft_and_bitsandbytes_offline_prints_nothing_after_loracore():
+    """The notebooks' cells that import PEFT or bitsandbytes store no stderr, and nbval fails a
+    checked cell whose run writes any: a fresh process, offline as in CI, must stay silent."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import loracore, bitsandbytes.functional, peft, peft.utils.merge_utils"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", f"stderr was not empty:\n{run.stderr}"
