@@ -130,7 +130,8 @@ class Decoder:
         return rowwise(inner.norm, x, slots)
 
 
-def _rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             slots: torch.Tensor) -> torch.Tensor:
     """``fn`` on ``x: (T, d)`` in chunks of exactly CHUNK rows -> ``(T, d_out)``."""
     T = x.shape[0]
     pad = (-T) % CHUNK

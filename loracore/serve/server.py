@@ -98,7 +98,7 @@ class ServerState:
     created: int       # the models' ``created`` time (the server's start), Unix seconds
 
 
-def _state(request: HTTPRequest) -> ServerState:
+async def _state(request: HTTPRequest) -> ServerState:  # async: no thread hop per request
     return request.app.state.serving
 
 
@@ -219,9 +219,10 @@ async def chat(body: ChatRequest, state: State):
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return _streaming(state, req, chunk, body)
     await _wait(req)
+    message = {"role": "assistant", "content": _decode(state, req.output_ids)}
     return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": _decode(state, req.output_ids)},
-                         "logprobs": None, "finish_reason": req.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": req.finish_reason}],
             "usage": _usage(req)}
 
 
