@@ -1,38 +1,45 @@
 """loracore: LoRA, QLoRA, adapter merging and multi-adapter serving, built from scratch.
 
-The modules are meant to be read in the order the course teaches them:
-``models`` (base models), ``lora`` (the low-rank layer), ``adapters`` (files),
-``train`` / ``data`` / ``evaluate``, ``nf4`` (4-bit quantization), ``qlora``, and
-``optim`` (paged and 8-bit AdamW, on ``paging`` and ``quant8``).
+The modules in the order the course teaches them (the lesson that meets each, in brackets):
+
+- ``notebook``: the short mode, seeding and timing that every notebook uses [00];
+- ``env``: the environment check lesson 00 runs, one OK or FAIL per package [00];
+- ``models``: which base model, loaded offline, and the tiny test model [00] (the offline
+  model cache they load from is built by its own module beside it);
+- ``layer``: the LoRA layer ``LoRALinear`` and its math as pure functions [01-02];
+- ``surgery``: LoRA layers put into a whole model, and the operations on all of them [03];
+- ``lora``: ``layer`` and ``surgery`` in one import [01-03];
+- ``adapters``: adapter files in PEFT's format, read, saved and loaded [03];
+- ``fingerprint``: the base model an adapter belongs to, and mismatches on load [03];
+- ``data``: chat-format JSONL to padded training batches [04];
+- ``train``: the training loop and its one step; LoRA+ parameter groups [04];
+- ``dora``: DoRA's magnitude and direction, as pure functions [04];
+- ``evaluate``: accuracy by generation on held-out questions, and perplexity [04, 10];
+- ``nf4``: 4-bit NormalFloat quantization, byte for byte as bitsandbytes [05];
+- ``quant8``: 8-bit blockwise quantization, under NF4's double quantization and 8-bit
+  optimizer state [05, 07];
+- ``qlora``: a frozen NF4 base model with LoRA adapters on top [06];
+- ``paging``: a pool of fixed-size pages in two memory tiers [07];
+- ``optim``: paged and 8-bit AdamW, on ``paging`` and ``quant8`` [07];
+- ``merge``: task arithmetic, TIES and DARE, as pure functions on tensors [08];
+- ``combine``: a model's adapters combined into one new adapter [08];
+- ``serve``: many adapters on one base: registry, mixed batches, engine, decoder, HTTP server [09];
+- ``checkpoint``: training checkpoints that resume to the same result bit for bit [11];
+- ``finetune``: ``loracore finetune``, on one device or many [11].
+
+Around the lessons:
+
+- ``selfcheck`` and ``checks``: the labs' exercise checks and their friendly failures;
+- ``grade``: ``loracore grade``, learners' lab notebooks graded in bulk, sandboxed;
+- ``cli`` and ``__main__``: the ``loracore`` command and its subcommands;
+- ``atomic``: crash-safe writes, a file or a folder replaced completely or not at all;
+- ``bench``: medians of repeated timings, one JSON result per benchmark;
+- ``extras``: the pip extra each optional command needs (``serve``, ``grade``);
+- ``_quiet``: silences one offline log notice of bitsandbytes; installed on import.
 """
 
 __version__ = "0.1.0"
 
-import logging as _logging
+from loracore import _quiet
 
-
-class _NoKernelsHubNotice(_logging.Filter):
-    """Drop the two lines that say bitsandbytes' optional CPU kernel was not fetched.
-
-    On CPUs with AVX512-BF16, importing bitsandbytes (which PEFT does) asks the ``kernels``
-    package for a faster 4-bit matmul from a kernel hub. Offline, ``kernels`` (a dependency of
-    transformers since 5.25) first notes that it skips the hub's publisher check, then
-    bitsandbytes notes that the download failed and falls back to its own kernel. The course
-    runs offline by design, so both lines are noise a learner cannot act on; every other
-    message of either logger still shows.
-    """
-
-    NOTICES = (
-        "gemm_4bit_forward from kernels-community",  # bitsandbytes: the kernel was not fetched
-        "publisher trust check for 'kernels-community/quantization-bitsandbytes'",  # kernels
-    )
-
-    def filter(self, record: _logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(notice in message for notice in self.NOTICES)
-
-
-# A filter on a logger sees only the records logged to that very logger, so name both.
-for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    _logging.getLogger(_name).addFilter(_NoKernelsHubNotice())
-del _name
+_quiet.install()

@@ -60,6 +60,13 @@ def add_grade(subparsers: argparse._SubParsersAction) -> None:
 def run_grade(args: argparse.Namespace) -> int:
     import os
 
+    from loracore.extras import MissingExtra, require_extra
+
+    try:  # before any work: a package missing at the chart would waste the whole run
+        require_extra("grade", "loracore grade")
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from loracore.grade import LABS_DIR, Limits, grade
     from loracore.grade.gradebook import summary_markdown, write_chart, write_csv, write_feedback
 

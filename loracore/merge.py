@@ -24,7 +24,6 @@ what is learnt here carries over. Every random draw can also come from an explic
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
@@ -32,7 +31,7 @@ import torch
 __all__ = [
     "prune", "magnitude_prune_tensor", "random_prune_tensor", "calculate_majority_sign_mask",
     "disjoint_merge", "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties",
-    "sign_conflict_fraction", "SIGN_METHODS",
+    "SIGN_METHODS",
 ]
 
 SIGN_METHODS = ("total", "frequency")
@@ -221,13 +220,3 @@ def dare_ties(task_tensors: Sequence[torch.Tensor], weights: Weights, density: f
     stacked, w = _stack(dropped, weights, "dare_ties")
     mask = calculate_majority_sign_mask(stacked, majority_sign_method)
     return disjoint_merge(stacked * w, mask)
-
-
-def sign_conflict_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The fraction of entries where ``a`` and ``b`` are both non-zero and of opposite sign:
-    where a plain sum of the two makes them cancel. a, b: same shape."""
-    if a.shape != b.shape:
-        raise ValueError(f"sign_conflict_fraction: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    conflict = (a.sign() * b.sign()) < 0
-    return conflict.sum().item() / max(1, math.prod(a.shape))
-

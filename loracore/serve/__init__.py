@@ -1,5 +1,13 @@
-"""Serving many adapters on one base model: the registry, mixed-adapter batches, continuous
-batching and an OpenAI-compatible HTTP server (``python -m loracore.serve --help``)."""
+"""Serving many adapters on one base model (``python -m loracore.serve --help``), one idea per
+module:
+
+- :mod:`~loracore.serve.registry`: adapters loaded into slots of fixed rank, LRU beyond them;
+- :mod:`~loracore.serve.batched`: one batch whose rows each use their own adapter;
+- :mod:`~loracore.serve.decoder`: the forward pass over many requests, each with its own
+  key/value cache, bit for bit independent of its batch-mates;
+- :mod:`~loracore.serve.engine`: continuous batching, the scheduler that runs the decoder;
+- :mod:`~loracore.serve.server`: the OpenAI-compatible HTTP server (the ``serve`` extra).
+"""
 
 from loracore.serve.batched import apply_mixed_lora, batched_lora_delta, gather_factors, use_slots
 from loracore.serve.engine import Engine, PromptTooLong, Request, SamplingParams, sample_token

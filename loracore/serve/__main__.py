@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from loracore.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("serve", "python -m loracore.serve")
+    except MissingExtra as e:
+        print(f"loracore.serve: {e}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from loracore.models import load_base_model, resolve_model_name

@@ -6,18 +6,12 @@ own adapter (:mod:`loracore.serve.batched`), its own key/value cache and its own
 generator. A request leaves the batch when it hits EOS or ``max_tokens``; a new one joins at
 the next step.
 
-A request's tokens never depend on its batch-mates, exactly (not only up to rounding):
+A request's tokens never depend on its batch-mates, exactly (not only up to rounding): the
+forward pass (:mod:`loracore.serve.decoder`) gives every request its own key/value cache and
+fixed-shape row-wise products, and sampling uses a ``torch.Generator`` per request, seeded from
+the request's ``seed``.
 
-- attention runs per request over its own cache, so no padding or mask ever enters it;
-- every row-wise operation (linear layers, norms, activations) runs in chunks of exactly
-  ``CHUNK`` rows, padded. On a CPU, a matrix product's rounding can change with the number of
-  rows (BLAS picks kernels by shape), so a row's bits would otherwise depend on how many
-  requests are running. With fixed shapes they cannot;
-- rotary embeddings are computed once for every position and looked up;
-- sampling uses a ``torch.Generator`` per request, seeded from the request's ``seed``.
-
-The decoder loop below is written for Llama/Qwen2-style models (SmolLM2, Qwen2, the tiny test
-model); it calls the model's own modules, so LoRA hooks and weights are the model's.
+This module is the scheduler: which requests wait, which run, when each joins and leaves.
 """
 
 from __future__ import annotations
@@ -31,16 +25,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loracore.serve.batched import use_slots
+from loracore.serve.decoder import CHUNK, Decoder, KVCache
 from loracore.serve.registry import (AdapterError, AdapterInfo, AdapterRegistry, NoFreeSlot,
                                      UnknownAdapter)
 
 __all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK"]
-
-CHUNK = 16  # rows per row-wise matmul; fixed so a row's rounding never depends on the batch
 
 
 class PromptTooLong(ValueError):
@@ -127,12 +118,11 @@ class Request:
 
 
 class _Row:
-    """A running request: its cache per layer ``(kv_heads, length, head_dim)``, its adapter."""
+    """A running request: its key/value cache, its adapter, its random generator."""
 
     def __init__(self, req: Request, info, eos: set[int]) -> None:
         self.req, self.info, self.eos = req, info, eos
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.cache = KVCache()
         self.pending: int | None = None  # sampled, not yet in the cache
         # no seed: a fresh one from the OS (torch.seed() would reseed the global generator)
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -144,7 +134,7 @@ class _Row:
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
+        return self.cache.length
 
 
 class Engine:
@@ -158,25 +148,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry, *,
                  max_num_seqs: int = 32) -> None:
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
-        if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj"):
-            raise TypeError(f"Engine: {type(model).__name__} is not a Llama/Qwen2-style causal LM "
-                            f"(model.model.layers[i].self_attn.q_proj); the serving loop supports those only")
-        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", False):
-            raise TypeError("Engine: sliding-window attention is not supported")
+        self.decoder = Decoder(model)  # refuses a model it cannot run (TypeError)
         self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = int(model.config.max_position_embeddings)
+        self.max_model_len = self.decoder.max_model_len
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer.eos_token_id is not None:
             self.eos.add(tokenizer.eos_token_id)
-        with torch.no_grad():  # rotary cos/sin for every position, once (see the module docstring)
-            pos = torch.arange(self.max_model_len).unsqueeze(0)
-            probe = torch.zeros(1, 1, model.config.hidden_size, dtype=next(model.parameters()).dtype)
-            cos, sin = inner.rotary_emb(probe, pos)
-            self._cos, self._sin = cos[0], sin[0]                   # (max_len, head_dim)
         self._waiting: list[Request] = []
         self._running: list[_Row] = []
         self._cond = threading.Condition()
@@ -294,95 +273,20 @@ class Engine:
             return self._finish(row, "length")
         row.pending = tok
 
-    # ---- the forward pass -----------------------------------------------------------------
-    def _rowwise(self, fn, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``fn`` on ``x: (T, d)`` in chunks of exactly CHUNK rows -> ``(T, d_out)``."""
-        T = x.shape[0]
-        pad = (-T) % CHUNK
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-            slots = torch.cat([slots, slots.new_full((pad,), -1)])
-        outs = []
-        for i in range(0, T + pad, CHUNK):
-            with use_slots(slots[i:i + CHUNK]):
-                outs.append(fn(x[i:i + CHUNK].unsqueeze(1)).squeeze(1))
-        return torch.cat(outs)[:T]
-
-    def _attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                row: _Row, layer: int, causal: bool) -> torch.Tensor:
-        """One request's attention. q: ``(heads, n, d)``, k/v: ``(kv_heads, n, d)`` (the new
-        tokens, already rotated) -> ``(n, heads * d)``. Appends k/v to the row's cache."""
-        if len(row.keys) <= layer:
-            row.keys.append(k)
-            row.values.append(v)
-        else:
-            row.keys[layer] = torch.cat([row.keys[layer], k], dim=1)
-            row.values[layer] = torch.cat([row.values[layer], v], dim=1)
-        K, V = row.keys[layer], row.values[layer]
-        out = F.scaled_dot_product_attention(q.unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0),
-                                             is_causal=causal, scale=attn.scaling, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
-
-    def _layers_forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[_Row],
-                        spans: list[tuple[int, int]], slots: torch.Tensor, rowwise) -> torch.Tensor:
-        """The decoder over ``ids: (T,)`` tokens; ``spans[i]`` are row i's token range.
-        Returns the final hidden states ``(T, hidden)``."""
-        inner = self.model.model
-        x = inner.embed_tokens(ids)                                   # (T, hidden)
-        cos, sin = self._cos[positions], self._sin[positions]          # (T, head_dim)
-        for li, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            hd = attn.head_dim
-            h = rowwise(layer.input_layernorm, x, slots)
-            q = rowwise(attn.q_proj, h, slots).view(-1, attn.config.num_attention_heads, hd)
-            k = rowwise(attn.k_proj, h, slots).view(-1, attn.config.num_key_value_heads, hd)
-            v = rowwise(attn.v_proj, h, slots).view(-1, attn.config.num_key_value_heads, hd)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            a = torch.cat([self._attend(attn, q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                        v[s:e].transpose(0, 1), row, li, causal=e - s > 1)
-                           for row, (s, e) in zip(rows, spans)])
-            x = x + rowwise(attn.o_proj, a, slots)
-            h = rowwise(layer.post_attention_layernorm, x, slots)
-            mlp = layer.mlp
-            gate = rowwise(mlp.gate_proj, h, slots)
-            up = rowwise(mlp.up_proj, h, slots)
-            act = rowwise(lambda t: mlp.act_fn(t), gate, slots)
-            x = x + rowwise(mlp.down_proj, act * up, slots)
-        return rowwise(inner.norm, x, slots)
-
+    # ---- the forward pass (loracore.serve.decoder) ----------------------------------------
     def _prefill(self, row: _Row) -> None:
         """Run one new request's prompt alone and sample its first token."""
-        ids = torch.tensor(row.req.prompt_ids)
-        n = ids.numel()
-        slots = torch.tensor([row.slot])
-
-        def whole(fn, x, _slots):  # the whole prompt as one row: (1, n, d)
-            with use_slots(slots):
-                return fn(x.unsqueeze(0)).squeeze(0)
-
-        hidden = self._layers_forward(ids, torch.arange(n), [row], [(0, n)], slots, whole)
-        logits = whole(self.model.lm_head, hidden[-1:], slots)[0].float()
+        logits = self.decoder.prefill(torch.tensor(row.req.prompt_ids), row.cache, row.slot)
         self._emit(row, logits)
 
     def _decode_step(self) -> None:
         """Feed every running request's pending token; sample the next for each."""
         rows = list(self._running)
         ids = torch.tensor([r.pending for r in rows])
-        positions = torch.tensor([r.length for r in rows])
         slots = torch.tensor([r.slot for r in rows])
-        hidden = self._layers_forward(ids, positions, rows, [(i, i + 1) for i in range(len(rows))],
-                                      slots, self._rowwise)
-        logits = self._rowwise(self.model.lm_head, hidden, slots).float()
+        logits = self.decoder.decode(ids, [r.cache for r in rows], slots)
         self.steps += 1
         self.batch_sizes.append(len(rows))
         for i, row in enumerate(rows):
             self._emit(row, logits[i])
         self._running = [r for r in self._running if not r.req.done]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (the Llama/Qwen2 "rotate half" form). x: ``(T, heads, d)``,
-    cos/sin: ``(T, d)``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)

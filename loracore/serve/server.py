@@ -11,6 +11,9 @@ endpoints for adapters.
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 404 for an
 unknown model or adapter, 400 for anything malformed or refused (a missing adapter path, an
 adapter for another base, a name already loaded, a prompt longer than the context).
+
+Each route is a module-level handler on :data:`router`; the state they share (the engine and
+the base's name) is a :class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -18,18 +21,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from pydantic import BaseModel, Field
+    from starlette.concurrency import run_in_threadpool
+except ImportError:
+    from loracore.extras import require_extra
+    require_extra("serve", "loracore.serve.server")  # names the extra when one is missing
+    raise
 
 from loracore.serve.engine import Engine, PromptTooLong, Request, SamplingParams
 from loracore.serve.registry import AdapterError, UnknownAdapter
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "router", "ServerState"]
 
 
 class APIError(Exception):
@@ -81,173 +90,219 @@ class UnloadRequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
+@dataclass
+class ServerState:
+    """What every handler shares: the engine (with its registry and tokenizer) and the names."""
+    engine: Engine
+    base_name: str     # the base model's name in requests and in /v1/models
+    created: int       # the models' ``created`` time (the server's start), Unix seconds
+
+
+async def _state(request: HTTPRequest) -> ServerState:  # async: no thread hop per request
+    return request.app.state.serving
+
+
+State = Annotated[ServerState, Depends(_state)]
+
+#: Every route of the server; :func:`create_app` includes it.
+router = APIRouter()
+
+
 def create_app(engine: Engine, base_name: str) -> FastAPI:
     """The FastAPI application serving ``engine``; requests name the base ``base_name``."""
     app = FastAPI(title="loracore.serve")
-    registry, tokenizer = engine.registry, engine.tokenizer
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, e.type, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in e.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {err.get('msg')}")
-        return _error(400, "invalid request: " + "; ".join(parts), "BadRequestError")
-
-    @app.exception_handler(Exception)
-    async def _crash(_: HTTPRequest, e: Exception) -> JSONResponse:  # never take the server down
-        return _error(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError")
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        data = [{"id": base_name, "object": "model", "created": created, "owned_by": "loracore",
-                 "root": base_name, "parent": None}]
-        for name in registry.names():
-            info = registry.info(name)
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "loracore",
-                         "root": info.path, "parent": base_name})
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadRequest) -> PlainTextResponse:
-        if body.lora_name == base_name:
-            raise APIError(400, f"{body.lora_name!r} is the base model's name; pick another", param="lora_name")
-        try:
-            await run_in_threadpool(registry.load, body.lora_name, body.lora_path)
-        except AdapterError as e:
-            raise APIError(400, str(e), param="lora_path") from None
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadRequest) -> PlainTextResponse:
-        try:
-            await run_in_threadpool(registry.unload, body.lora_name)
-        except UnknownAdapter:
-            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
-                           "NotFoundError", "lora_name", "model_not_found") from None
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    def _submit(body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Request:
-        if body.n != 1:
-            raise APIError(400, "only n = 1 is supported", param="n")
-        if body.model == base_name:
-            adapter = None
-        elif body.model in registry.names():
-            adapter = body.model
-        else:
-            raise APIError(404, f"The model `{body.model}` does not exist. Served: "
-                                f"{[base_name] + registry.names()}", "NotFoundError", "model",
-                           "model_not_found")
-        if max_tokens is None:  # vLLM's default: whatever the context has room for
-            max_tokens = max(1, engine.max_model_len - len(prompt_ids))
-        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
-        try:
-            return engine.submit(prompt_ids, adapter, params)
-        except PromptTooLong as e:
-            raise APIError(400, str(e), param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded") from None
-        except UnknownAdapter as e:
-            raise APIError(404, str(e), "NotFoundError", "model", "model_not_found") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-    def _usage(req: Request) -> dict:
-        n_in, n_out = len(req.prompt_ids), len(req.output_ids)
-        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-
-    def _decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    async def _wait(req: Request) -> None:
-        try:
-            await run_in_threadpool(req.result)
-        except Exception as e:  # noqa: BLE001
-            raise APIError(500, f"generation failed: {e}", "InternalServerError") from None
-
-    async def _sse(req: Request, chunk, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of new text, then the finish, usage, [DONE]."""
-        sent, ids = "", []
-        stream = req.stream()
-        try:
-            while True:
-                tok = await run_in_threadpool(next, stream, None)
-                if tok is None:
-                    break
-                ids.append(tok)
-                text = _decode(ids)
-                if text.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
-                    continue
-                if len(text) > len(sent):
-                    yield f"data: {json.dumps(chunk(text[len(sent):], None))}\n\n"
-                    sent = text
-        except Exception as e:  # noqa: BLE001 - report in the stream, keep the server up
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'InternalServerError'}})}\n\n"
-        finally:
-            req.cancel()
-        text = _decode(ids)
-        last = chunk(text[len(sent):], req.finish_reason)
-        yield f"data: {json.dumps(last)}\n\n"
-        if include_usage:
-            usage = chunk("", None)
-            usage["choices"], usage["usage"] = [], _usage(req)
-            yield f"data: {json.dumps(usage)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = list(body.prompt)
-        req = _submit(body, prompt_ids, body.max_tokens)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            def chunk(text, finish):
-                return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(req, chunk, usage), media_type="text/event-stream")
-        await _wait(req)
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [{"index": 0, "text": _decode(req.output_ids), "logprobs": None,
-                             "finish_reason": req.finish_reason}],
-                "usage": _usage(req)}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template that refuses the messages
-            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        req = _submit(body, prompt_ids, body.max_completion_tokens or body.max_tokens)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            first = [True]
-
-            def chunk(text, finish):
-                delta = {"content": text} if text or finish is None else {}
-                if first[0]:
-                    delta, first[0] = {"role": "assistant", **delta}, False
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(req, chunk, usage), media_type="text/event-stream")
-        await _wait(req)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": _decode(req.output_ids)},
-                             "logprobs": None, "finish_reason": req.finish_reason}],
-                "usage": _usage(req)}
-
+    app.state.serving = ServerState(engine, base_name, int(time.time()))
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Exception, _crash)
+    app.include_router(router)
     return app
+
+
+# ---- errors ---------------------------------------------------------------------------------
+async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+    return _error(e.status, e.message, e.type, e.param, e.code)
+
+
+async def _invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg')}")
+    return _error(400, "invalid request: " + "; ".join(parts), "BadRequestError")
+
+
+async def _crash(_: HTTPRequest, e: Exception) -> JSONResponse:  # never take the server down
+    return _error(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError")
+
+
+# ---- models and adapters --------------------------------------------------------------------
+@router.get("/health")
+async def health() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/v1/models")
+async def models(state: State) -> dict:
+    base_name, created, registry = state.base_name, state.created, state.engine.registry
+    data = [{"id": base_name, "object": "model", "created": created, "owned_by": "loracore",
+             "root": base_name, "parent": None}]
+    for name in registry.names():
+        info = registry.info(name)
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "loracore",
+                     "root": info.path, "parent": base_name})
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora(body: LoadRequest, state: State) -> PlainTextResponse:
+    if body.lora_name == state.base_name:
+        raise APIError(400, f"{body.lora_name!r} is the base model's name; pick another", param="lora_name")
+    try:
+        await run_in_threadpool(state.engine.registry.load, body.lora_name, body.lora_path)
+    except AdapterError as e:
+        raise APIError(400, str(e), param="lora_path") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora(body: UnloadRequest, state: State) -> PlainTextResponse:
+    try:
+        await run_in_threadpool(state.engine.registry.unload, body.lora_name)
+    except UnknownAdapter:
+        raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
+                       "NotFoundError", "lora_name", "model_not_found") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+# ---- generation -----------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, state: State):
+    tokenizer = state.engine.tokenizer
+    if isinstance(body.prompt, str):
+        prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = list(body.prompt)
+    req = _submit(state, body, prompt_ids, body.max_tokens)
+    rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        def chunk(text, finish):
+            return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return _streaming(state, req, chunk, body)
+    await _wait(req)
+    return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
+            "choices": [{"index": 0, "text": _decode(state, req.output_ids), "logprobs": None,
+                         "finish_reason": req.finish_reason}],
+            "usage": _usage(req)}
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, state: State):
+    tokenizer = state.engine.tokenizer
+    messages = [m.model_dump() for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that refuses the messages
+        raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    req = _submit(state, body, prompt_ids, body.max_completion_tokens or body.max_tokens)
+    rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        first = [True]
+
+        def chunk(text, finish):
+            delta = {"content": text} if text or finish is None else {}
+            if first[0]:
+                delta, first[0] = {"role": "assistant", **delta}, False
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return _streaming(state, req, chunk, body)
+    await _wait(req)
+    message = {"role": "assistant", "content": _decode(state, req.output_ids)}
+    return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": req.finish_reason}],
+            "usage": _usage(req)}
+
+
+def _submit(state: ServerState, body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Request:
+    """Queue the request on the engine, or raise the :class:`APIError` that says why not."""
+    engine, base_name, registry = state.engine, state.base_name, state.engine.registry
+    if body.n != 1:
+        raise APIError(400, "only n = 1 is supported", param="n")
+    if body.model == base_name:
+        adapter = None
+    elif body.model in registry.names():
+        adapter = body.model
+    else:
+        raise APIError(404, f"The model `{body.model}` does not exist. Served: "
+                            f"{[base_name] + registry.names()}", "NotFoundError", "model",
+                       "model_not_found")
+    if max_tokens is None:  # vLLM's default: whatever the context has room for
+        max_tokens = max(1, engine.max_model_len - len(prompt_ids))
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
+    try:
+        return engine.submit(prompt_ids, adapter, params)
+    except PromptTooLong as e:
+        raise APIError(400, str(e), param="messages" if isinstance(body, ChatRequest) else "prompt",
+                       code="context_length_exceeded") from None
+    except UnknownAdapter as e:
+        raise APIError(404, str(e), "NotFoundError", "model", "model_not_found") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _usage(req: Request) -> dict:
+    n_in, n_out = len(req.prompt_ids), len(req.output_ids)
+    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+
+def _decode(state: ServerState, ids: list[int]) -> str:
+    return state.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def _wait(req: Request) -> None:
+    try:
+        await run_in_threadpool(req.result)
+    except Exception as e:  # noqa: BLE001
+        raise APIError(500, f"generation failed: {e}", "InternalServerError") from None
+
+
+Chunk = Callable[[str, str | None], dict]  # (new text, finish reason) -> one event's body
+
+
+def _streaming(state: ServerState, req: Request, chunk: Chunk, body: _Sampling) -> StreamingResponse:
+    usage = bool((body.stream_options or {}).get("include_usage"))
+    return StreamingResponse(_sse(state, req, chunk, usage), media_type="text/event-stream")
+
+
+async def _sse(state: ServerState, req: Request, chunk: Chunk, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of new text, then the finish, usage, [DONE]."""
+    sent, ids = "", []
+    stream = req.stream()
+    try:
+        while True:
+            tok = await run_in_threadpool(next, stream, None)
+            if tok is None:
+                break
+            ids.append(tok)
+            text = _decode(state, ids)
+            if text.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield f"data: {json.dumps(chunk(text[len(sent):], None))}\n\n"
+                sent = text
+    except Exception as e:  # noqa: BLE001 - report in the stream, keep the server up
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'InternalServerError'}})}\n\n"
+    finally:
+        req.cancel()
+    text = _decode(state, ids)
+    last = chunk(text[len(sent):], req.finish_reason)
+    yield f"data: {json.dumps(last)}\n\n"
+    if include_usage:
+        usage = chunk("", None)
+        usage["choices"], usage["usage"] = [], _usage(req)
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
