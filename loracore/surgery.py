@@ -1,7 +1,8 @@
 """Model surgery: putting LoRA layers into a whole model, and the operations on all of them.
 
 :func:`inject` finds a model's linear layers by name and wraps each in a
-:class:`~loracore.layer.LoRALinear` in place; the other functions act on every LoRA layer of
+:class:`~loracore.layer.LoRALinear` in place (:func:`inject_modules` takes the exact full
+names instead, as :func:`~loracore.adapters.load_adapter` knows them); the other functions act on every LoRA layer of
 the model at once (activate, disable, merge, unmerge, delete an adapter, unwrap everything).
 The layer itself, and the math, live in :mod:`loracore.layer`.
 
