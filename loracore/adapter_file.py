@@ -50,7 +50,7 @@ FORMAT = 1
 SCALING_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's key for DoRA's magnitude (no ".weight" on disk)
 
-__all__ = ["read_adapter", "AdapterFile", "AdapterModule", "WEIGHTS_NAME", "CONFIG_NAME",
+__all__ = ["read_adapter", "AdapterFile", "AdapterModule", "refuse_or_warn", "WEIGHTS_NAME", "CONFIG_NAME",
            "PREFIX", "METADATA_KEY", "FORMAT", "SCALING_KEYS", "MAGNITUDE"]
 
 
@@ -142,13 +142,9 @@ def read_adapter(path: str | os.PathLike, *, strict: bool = True,
     config, tensors, metadata = _read_files(folder, caller)
     _check_config(config, folder, caller)
     record, fmt, mismatch = _loracore_record(config, metadata, folder, caller)
-    if mismatch:
-        msg = (f"{caller}: {CONFIG_NAME} in {folder} does not match its weights file:\n  - "
-               + "\n  - ".join(mismatch))
-        if strict:
-            raise ValueError(f"{msg}\nAn interrupted save or an edited config: save the adapter "
-                             f"again, or pass strict=False to load it with the config as it is.")
-        warnings.warn(msg, stacklevel=3)
+    refuse_or_warn(mismatch, f"{caller}: {CONFIG_NAME} in {folder} does not match its weights file",
+                   "An interrupted save or an edited config: save the adapter again, or pass "
+                   "strict=False to load it with the config as it is.", strict)
     pairs = _pairs(tensors, weights, caller)
     if not pairs:
         raise ValueError(f"{caller}: {weights} holds no LoRA tensors")
@@ -173,6 +169,17 @@ def read_adapter(path: str | os.PathLike, *, strict: bool = True,
                                       L.scaling(alpha, r, bool(config.get("use_rslora", False))),
                                       ab.get(MAGNITUDE))
     return AdapterFile(folder, config, modules, fingerprint, fmt)
+
+
+def refuse_or_warn(problems: list[str], headline: str, advice: str, strict: bool) -> None:
+    """Nothing when ``problems`` is empty; else ``ValueError`` (``strict``) or a warning, its
+    message the ``headline``, one line per problem, and (when raising) the ``advice``."""
+    if not problems:
+        return
+    msg = f"{headline}:\n  - " + "\n  - ".join(problems)
+    if strict:
+        raise ValueError(f"{msg}\n{advice}")
+    warnings.warn(msg, stacklevel=3)  # at the caller's caller: the line that read or loaded
 
 
 # ---- the steps of a read -------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from loracore.adapter_file import (CONFIG_NAME, FORMAT, MAGNITUDE, METADATA_KEY, PREFIX,
                                    SCALING_KEYS, WEIGHTS_NAME, AdapterFile, AdapterModule,
-                                   read_adapter)
+                                   read_adapter, refuse_or_warn)
 from loracore.atomic import write_folder
 from loracore.fingerprint import (base_fingerprint, compare_fingerprints, foreign_adapters,
                                   record_foreign)
@@ -175,13 +175,8 @@ def check_base(model: nn.Module, adapter: AdapterFile, *, strict: bool = True,
         if fingerprint_cache is not None:
             fingerprint_cache[key] = current
     foreign = compare_fingerprints(adapter.base_fingerprint, current)
-    if foreign:
-        msg = (f"{caller}: {adapter.path} was trained on a different base model:\n  - "
-               + "\n  - ".join(foreign))
-        if strict:
-            raise ValueError(f"{msg}\nAn adapter is tied to its exact base. Pass strict=False to "
-                             f"load it anyway.")
-        warnings.warn(msg, stacklevel=3)
+    refuse_or_warn(foreign, f"{caller}: {adapter.path} was trained on a different base model",
+                   "An adapter is tied to its exact base. Pass strict=False to load it anyway.", strict)
     return foreign
 
 

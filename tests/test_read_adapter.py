@@ -18,7 +18,7 @@ from torch import nn
 import loracore.adapters as adapters
 import loracore.layer as layer_mod
 import loracore.surgery as surgery
-from loracore.adapter_file import FORMAT, AdapterFile, read_adapter
+from loracore.adapter_file import FORMAT, AdapterFile, read_adapter, refuse_or_warn
 from loracore.adapters import CONFIG_NAME, WEIGHTS_NAME, check_base, load_adapter, save_adapter
 from loracore.fingerprint import foreign_adapters, forget_foreign
 from loracore.layer import LoRALinear, check_adapter_name
@@ -206,6 +206,14 @@ def test_read_config_mismatch_refused_when_strict_else_warned(tiny, tmp_path):
     with pytest.warns(UserWarning, match="does not match its weights file"):
         adapter = read_adapter(folder, strict=False)
     assert adapter.modules[Q0].scaling == 16 / 4  # the config as it is
+
+
+def test_refuse_or_warn_lists_every_problem():
+    refuse_or_warn([], "nothing", "advice", strict=True)  # no problem: no error, no warning
+    with pytest.raises(ValueError, match=r"^here: two problems:\n  - one\n  - two\nDo this\.$"):
+        refuse_or_warn(["one", "two"], "here: two problems", "Do this.", strict=True)
+    with pytest.warns(UserWarning, match=r"^here: two problems:\n  - one\n  - two$"):
+        refuse_or_warn(["one", "two"], "here: two problems", "Do this.", strict=False)
 
 
 # ---- check_base ---------------------------------------------------------------------------
