@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from loracore import merge as M
-from loracore.adapters import foreign_adapters
+from loracore.fingerprint import foreign_adapters
 from loracore.layer import LoRALinear
-from loracore.surgery import lora_layers
+from loracore.surgery import all_or_nothing, lora_layers
 
 __all__ = ["combine_adapters", "combined_delta", "refactorize", "refactorize_sum",
            "COMBINATION_TYPES", "DEFAULT_DENSITY"]
@@ -260,24 +260,14 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     # 2. add the adapter everywhere, undoing it all if anything fails half-way
     saved = {n: (list(layer.active_adapters),
                  {k: p.requires_grad for k, p in layer.named_parameters()}) for n, layer in layers.items()}
-    done: list[str] = []
-    try:
-        with torch.no_grad():
-            for name, layer in layers.items():
-                new_A, new_B = factors[name]
-                rank = new_A.shape[0]
-                layer.add_adapter(adapter_name, rank, float(rank))
-                done.append(name)
-                layer.lora_A[adapter_name].weight.copy_(new_A)
-                layer.lora_B[adapter_name].weight.copy_(new_B)
-                _restore(layer, *saved[name])
-    except BaseException:
-        for name in done:
-            layer = layers[name]
-            if adapter_name in layer.lora_A:
-                layer.delete_adapter(adapter_name)
+    with all_or_nothing(model), torch.no_grad():
+        for name, layer in layers.items():
+            new_A, new_B = factors[name]
+            rank = new_A.shape[0]
+            layer.add_adapter(adapter_name, rank, float(rank))
+            layer.lora_A[adapter_name].weight.copy_(new_A)
+            layer.lora_B[adapter_name].weight.copy_(new_B)
             _restore(layer, *saved[name])
-        raise
     return model
 
 

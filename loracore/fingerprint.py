@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from loracore.layer import LoRALinear, is_float_linear
-from loracore.surgery import lora_layers
 
-__all__ = ["base_fingerprint", "compare_fingerprints", "foreign_adapters", "record_foreign"]
+__all__ = ["base_fingerprint", "compare_fingerprints", "foreign_adapters", "record_foreign",
+           "forget_foreign"]
 
 #: attribute (in the model's ``__dict__``) recording adapters loaded onto a base that is not theirs
-#: (``loracore.surgery`` clears entries under this name when an adapter is deleted)
+#: (:mod:`loracore.surgery` clears it through :func:`forget_foreign` when adapters go away)
 _FOREIGN = "_loracore_foreign_adapters"
 
 
@@ -34,7 +34,7 @@ def foreign_adapters(model: nn.Module) -> dict[str, list[str]]:
     not listed. Operations that mix adapters (:func:`loracore.combine.combine_adapters`) use it
     to refuse combining task vectors that were learned against different weights."""
     record = model.__dict__.get(_FOREIGN, {})
-    present = {a for layer in lora_layers(model).values() for a in layer.lora_A}
+    present = {a for layer in model.modules() if isinstance(layer, LoRALinear) for a in layer.lora_A}
     return {name: list(problems) for name, problems in record.items() if name in present}
 
 
@@ -112,3 +112,12 @@ def record_foreign(model: nn.Module, adapter_name: str, problems: list[str]) -> 
     if problems:
         record[adapter_name] = list(problems)
 
+
+
+def forget_foreign(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Forget what :func:`record_foreign` noted about adapter ``adapter_name`` of ``model``
+    (about every adapter when ``None``): the adapter was deleted, or all LoRA was removed."""
+    if adapter_name is None:
+        model.__dict__.pop(_FOREIGN, None)
+    else:
+        model.__dict__.get(_FOREIGN, {}).pop(adapter_name, None)

@@ -31,7 +31,7 @@ from loracore.dora import Magnitude, dora_merged_weight, dora_update, weight_nor
 
 __all__ = [
     "scaling", "delta_weight", "lora_update", "lora_forward", "LoRALinear",
-    "register_linear_type", "is_linear", "is_float_linear", "check_adapter_args",
+    "register_linear_type", "is_linear", "is_float_linear", "check_adapter_name", "check_adapter_args",
 ]
 
 
@@ -101,13 +101,19 @@ def is_float_linear(module: nn.Module) -> bool:
             and module.weight.is_floating_point())
 
 
+def check_adapter_name(where: str, name: object) -> None:
+    """Refuse an adapter name that is not a non-empty string without dots (a dot would break
+    the module paths PyTorch builds from it), naming ``where``."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{where}: adapter name must be a non-empty string without dots, "
+                         f"got {name!r}")
+
+
 def check_adapter_args(where: str, name: object, r: object, lora_alpha: object,
                        lora_dropout: object = 0.0) -> None:
     """Refuse an adapter's arguments with a message naming ``where`` and the fix; used by
     :meth:`LoRALinear.add_adapter` and, before anything changes, by model-level operations."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"{where}: adapter name must be a non-empty string without dots, "
-                         f"got {name!r}")
+    check_adapter_name(where, name)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"{where}: r must be a positive int, got {r!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
@@ -186,12 +192,16 @@ class LoRALinear(nn.Module):
         return device, dtype
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
+                    use_rslora: bool = False, use_dora: bool = False, *, checked: bool = False) -> None:
         """Add adapter ``name`` (A Kaiming-uniform, B zeros) and make it the only active one.
-        With ``use_dora`` it also gets a magnitude ``m = ‖W‖`` row by row (:mod:`loracore.dora`)."""
-        check_adapter_args("LoRALinear.add_adapter", name, r, lora_alpha, lora_dropout)
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"LoRALinear.add_adapter: use_dora must be True or False, got {use_dora!r}")
+        With ``use_dora`` it also gets a magnitude ``m = ‖W‖`` row by row (:mod:`loracore.dora`).
+        ``checked=True``: the caller has already checked the arguments (as
+        :func:`~loracore.surgery.inject` does once for all its layers), so they are not checked
+        again here."""
+        if not checked:
+            check_adapter_args("LoRALinear.add_adapter", name, r, lora_alpha, lora_dropout)
+            if not isinstance(use_dora, bool):
+                raise TypeError(f"LoRALinear.add_adapter: use_dora must be True or False, got {use_dora!r}")
         if use_dora:
             self._dense_weight("add_adapter(use_dora=True)")  # refuse before anything changes
         if name in self.lora_A:

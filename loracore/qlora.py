@@ -25,6 +25,7 @@ from torch import nn
 from loracore.layer import register_linear_type
 from loracore.nf4 import NF4Tensor, _check_blocksize, dequantize_nf4, quantize_nf4
 from loracore.surgery import lora_layers
+from loracore.surgery import _replace as _swap, all_or_nothing  # _swap: a test makes it fail
 
 __all__ = ["Linear4bit", "quantize_model", "model_bytes"]
 
@@ -184,11 +185,6 @@ def _skip_names(skip: object) -> set[str]:
     return set(names)
 
 
-def _swap(parent: nn.Module, child: str, module: nn.Module) -> None:
-    """Put ``module`` at ``parent.child`` (one function, so a test can make it fail)."""
-    setattr(parent, child, module)
-
-
 _DEFAULT_SKIP = ("lm_head",)
 
 
@@ -262,22 +258,11 @@ def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, 
             except Exception:  # an exception type that takes other arguments
                 wrapped = RuntimeError(msg)
             raise wrapped from exc
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    done: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
+    with all_or_nothing(model):  # a failure half-way puts the original layers back
         for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            _swap(parent, child, new[name])
-            done.append((parent, child, linears[name]))
+            _swap(model, name, new[name])
         for p in model.parameters():  # the base is frozen; LoRA adds the only trainable weights
             p.requires_grad_(False)
-    except BaseException:
-        for parent, child, old in reversed(done):  # put the original layers back
-            setattr(parent, child, old)
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        raise
     return model
 
 

@@ -1,7 +1,8 @@
 """Model surgery: putting LoRA layers into a whole model, and the operations on all of them.
 
 :func:`inject` finds a model's linear layers by name and wraps each in a
-:class:`~loracore.layer.LoRALinear` in place; the other functions act on every LoRA layer of
+:class:`~loracore.layer.LoRALinear` in place (:func:`inject_modules` takes the exact full
+names instead, as :func:`~loracore.adapters.load_adapter` knows them); the other functions act on every LoRA layer of
 the model at once (activate, disable, merge, unmerge, delete an adapter, unwrap everything).
 The layer itself, and the math, live in :mod:`loracore.layer`.
 
@@ -19,10 +20,11 @@ from typing import Iterator
 
 from torch import nn
 
+from loracore.fingerprint import forget_foreign
 from loracore.layer import LoRALinear, check_adapter_args, is_float_linear, is_linear
 
 __all__ = [
-    "inject", "lora_layers", "linear_layer_names", "trainable_parameters", "set_adapter",
+    "inject", "inject_modules", "lora_layers", "linear_layer_names", "trainable_parameters", "set_adapter",
     "disable_adapters", "merge_adapters", "unmerge_adapters", "delete_adapter", "remove_lora",
     "all_or_nothing",
 ]
@@ -171,17 +173,57 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
                          f"{type(model).__name__}.{hint} Its linear layers are: "
                          f"{sorted({n.split('.')[-1] for n in candidates})} (full names like "
                          f"{candidates[:3]})")
+    return _wrap(model, chosen, r, lora_alpha, lora_dropout, adapter_name, use_rslora, use_dora,
+                 "inject")
+
+
+def inject_modules(model: nn.Module, module_names: list[str], r: int, lora_alpha: float, *,
+                   lora_dropout: float = 0.0, adapter_name: str = "default",
+                   use_rslora: bool = False, use_dora: bool = False,
+                   checked: bool = False) -> nn.Module:
+    """:func:`inject` for a caller that knows the exact layers: wrap the linear layers whose
+    full names are ``module_names`` (``["model.layers.0.self_attn.q_proj", ...]``), no others.
+
+    :func:`~loracore.adapters.load_adapter` uses it with the names an adapter file holds. The
+    other arguments and the result are :func:`inject`'s. ``checked=True``: the caller has
+    already checked every argument, ``module_names`` included (each a linear layer of
+    ``model``), so nothing is checked again, here or layer by layer. All or nothing. Returns
+    ``model``.
+    """
+    if not checked:
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"inject_modules: use_dora must be True or False, got {use_dora!r}")
+        check_adapter_args("inject_modules", adapter_name, r, lora_alpha, lora_dropout)
+        if (isinstance(module_names, str) or not isinstance(module_names, (list, tuple))
+                or not module_names or not all(isinstance(n, str) and n for n in module_names)):
+            raise TypeError(f"inject_modules: module_names must be a non-empty list of full module "
+                            f"names such as ['model.layers.0.self_attn.q_proj'], got {module_names!r}")
+        linear = set(linear_layer_names(model))
+        unknown = [n for n in module_names if n not in linear]
+        if unknown:
+            raise ValueError(f"inject_modules: {unknown} are not linear layers of "
+                             f"{type(model).__name__} (full names like {sorted(linear)[:3]})")
+    chosen = list(dict.fromkeys(module_names))  # each layer once, in the order given
+    return _wrap(model, chosen, r, lora_alpha, lora_dropout, adapter_name, use_rslora, use_dora,
+                 "inject_modules")
+
+
+def _wrap(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_dropout: float,
+          adapter_name: str, use_rslora: bool, use_dora: bool, where: str) -> nn.Module:
+    """Add the adapter to the linear layers ``chosen`` (full names; arguments already checked),
+    refusing first what the model's state forbids: a name already taken, DoRA on a layer
+    without a dense weight."""
     taken = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)
              and adapter_name in model.get_submodule(n).lora_A]
     if taken:
-        raise ValueError(f"inject: modules {taken} already have an adapter named {adapter_name!r}; "
+        raise ValueError(f"{where}: modules {taken} already have an adapter named {adapter_name!r}; "
                          f"pass another adapter_name, or delete_adapter(model, {adapter_name!r}) first")
     if use_dora:
         bases = {n: getattr(model.get_submodule(n), "base_layer", model.get_submodule(n)) for n in chosen}
         no_dense = [f"{n} ({type(b).__name__})" for n, b in bases.items()
                     if not is_float_linear(b) and not callable(getattr(b, "dequantize", None))]
         if no_dense:
-            raise TypeError(f"inject: DoRA needs each base weight as a float matrix (for its norm); "
+            raise TypeError(f"{where}: DoRA needs each base weight as a float matrix (for its norm); "
                             f"modules {no_dense} have neither a float weight nor dequantize(). "
                             f"Leave them out of target_modules or use use_dora=False")
     with all_or_nothing(model):
@@ -192,19 +234,24 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
         for name in chosen:
             module = model.get_submodule(name)
             if isinstance(module, LoRALinear):
-                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora)
+                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                                   checked=True)
             else:
-                _replace(model, name, LoRALinear(module, r, lora_alpha, adapter_name=adapter_name,
-                                                 lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                                 use_dora=use_dora))
+                layer = LoRALinear(module)
+                layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                                  checked=True)
+                _replace(model, name, layer)
         set_adapter(model, adapter_name)
     return model
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _replace(root: nn.Module, name: str, child: nn.Module) -> None:
+    """Put ``child`` where ``root``'s submodule ``name`` is (a full dotted name such as
+    ``"model.layers.0.mlp.up_proj"``, or a direct child's name). The one place loracore swaps
+    a module (surgery here, quantization in :mod:`loracore.qlora`), so a test can make it fail."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, child)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -335,8 +382,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     with all_or_nothing(model):
         for layer in layers.values():
             layer.delete_adapter(name)
-    # forget what load_adapter recorded about this adapter's base (loracore.adapters.foreign_adapters)
-    model.__dict__.get("_loracore_foreign_adapters", {}).pop(name, None)
+    forget_foreign(model, name)  # what load_adapter noted about this adapter's base
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
@@ -349,7 +395,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
         for name, layer in lora_layers(model).items():
             layer.unmerge()
             _replace(model, name, layer.base_layer)
-        model.__dict__.pop("_loracore_foreign_adapters", None)
+        forget_foreign(model)
         flags = model.__dict__.pop("_loracore_requires_grad", None)
         if flags is not None:
             for n, p in model.named_parameters():

@@ -1,7 +1,9 @@
 """The adapter registry: one frozen base model, many adapters swapped in and out at run time.
 
-Adapters are named and read from disk (loracore's or PEFT's folders, through
-:func:`loracore.adapters.load_adapter`, so the base-fingerprint check applies). At most
+Adapters are named and read from disk (loracore's or PEFT's folders) with
+:func:`loracore.adapter_file.read_adapter` and checked against the base with
+:func:`loracore.adapters.check_base` (so the base-fingerprint check applies); the model is never
+wrapped in LoRA layers. At most
 ``max_loras`` of them are *resident*: their factors sit in a slot of the per-layer stacks that
 :mod:`loracore.serve.batched` multiplies with. When a request needs an adapter that is not
 resident, the least recently used resident adapter that no running request holds (pinned) is
@@ -20,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loracore.adapters import load_adapter
-from loracore.layer import LoRALinear
+from loracore.adapter_file import AdapterFile, read_adapter
+from loracore.adapters import check_base
 from loracore.serve.batched import SlotStack, use_slots
-from loracore.surgery import lora_layers
 
 __all__ = ["AdapterRegistry", "AdapterInfo", "AdapterError", "UnknownAdapter", "NoFreeSlot"]
 
@@ -42,7 +43,9 @@ class NoFreeSlot(RuntimeError):
 
 @dataclass
 class AdapterInfo:
-    """What the registry knows about one adapter. ``nbytes``: its factors at their own rank;
+    """What the registry knows about one adapter. ``r``, ``lora_alpha``, ``use_rslora``: as its
+    file says (PEFT's config keys); ``rank_pattern`` / ``alpha_pattern``: the modules whose rank
+    or alpha differ from those, by full name. ``nbytes``: its factors at their own rank;
     ``slot`` is ``None`` while it is not resident."""
     name: str
     path: str
@@ -50,13 +53,13 @@ class AdapterInfo:
     lora_alpha: float
     modules: list[str]
     nbytes: int
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     slot: int | None = None
     pins: int = 0
     removed: bool = field(default=False, repr=False)
     key: str = field(default="", repr=False)  # unique per load, so a name can be reused at once
-
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, scaling)
 
 
 class AdapterRegistry:
@@ -96,55 +99,30 @@ class AdapterRegistry:
         self._device = param.device
 
     # ---- reading a folder -----------------------------------------------------------------
-    def _read(self, path: Path) -> tuple[Factors, dict]:
-        """Read and check an adapter folder; return its factors. The model is left exactly as
-        it was, whatever happens (load_adapter wraps layers, so they are unwrapped again)."""
-        model = self.model
+    def _read(self, path: Path) -> AdapterFile:
+        """Read and check an adapter folder (the model is not touched)."""
         self._reads += 1
-        internal = f"serve_read_{self._reads}"
-        before = lora_layers(model)
-        saved_active = {n: list(m.active_adapters) for n, m in before.items()}
-        grads = {p: p.requires_grad for p in model.parameters()}
-        factors: Factors = {}
         try:
+            adapter = read_adapter(path, caller="AdapterRegistry")
             # the registry never writes the base weights: hash each set of layers once
-            load_adapter(model, path, internal, fingerprint_cache=self._fingerprints)
-            if any(internal in layer.lora_magnitude_vector for layer in lora_layers(model).values()):
-                raise AdapterError(f"AdapterRegistry: {path} is a DoRA adapter (use_dora=true), which "
-                                   f"slot-based serving (like vLLM) cannot apply: merge it into the base "
-                                   f"instead (merge_adapters, then serve the merged model)")
-            for name, layer in lora_layers(model).items():
-                if internal in layer.lora_A:
-                    factors[name] = (layer.lora_A[internal].weight.detach().clone(),
-                                     layer.lora_B[internal].weight.detach().clone(),
-                                     float(layer.scaling[internal]))
+            check_base(self.model, adapter, fingerprint_cache=self._fingerprints,
+                       caller="AdapterRegistry")
         except (FileNotFoundError, ValueError) as e:
             raise AdapterError(str(e)) from None
-        finally:
-            for name, layer in lora_layers(model).items():
-                if internal in layer.lora_A:
-                    layer.delete_adapter(internal)
-                if name in before:
-                    layer.active_adapters = saved_active[name]
-                else:  # wrapped by this read: put the original layer back
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
-            for p, g in grads.items():
-                p.requires_grad_(g)
-        ranks = sorted({a.shape[0] for a, _, _ in factors.values()})
-        if not factors:
-            raise AdapterError(f"AdapterRegistry: {path} holds no LoRA weights")
-        if ranks[-1] > self.max_lora_rank:
-            raise AdapterError(f"AdapterRegistry: {path} has rank {ranks[-1]}, above max_lora_rank="
+        if adapter.use_dora:
+            raise AdapterError(f"AdapterRegistry: {path} is a DoRA adapter (use_dora=true), which "
+                               f"slot-based serving (like vLLM) cannot apply: merge it into the base "
+                               f"instead (merge_adapters, then serve the merged model)")
+        rank = max(m.r for m in adapter.modules.values())
+        if rank > self.max_lora_rank:
+            raise AdapterError(f"AdapterRegistry: {path} has rank {rank}, above max_lora_rank="
                                f"{self.max_lora_rank} (the rank every slot is allocated at); "
-                               f"start the server with --max-lora-rank {ranks[-1]} or more")
-        first = next(iter(factors.values()))
-        meta = {"r": ranks[-1], "lora_alpha": first[2] * first[0].shape[0], "modules": sorted(factors)}
-        return factors, meta
+                               f"start the server with --max-lora-rank {rank} or more")
+        return adapter
 
     # ---- slots ----------------------------------------------------------------------------
-    def _place(self, info: AdapterInfo, factors: Factors) -> int:
-        """Put ``factors`` into a free slot, evicting the least recently used unpinned adapter
+    def _place(self, info: AdapterInfo, adapter: AdapterFile) -> int:
+        """Put ``adapter``'s factors into a free slot, evicting the least recently used unpinned adapter
         if none is free. Raises :class:`NoFreeSlot` when every slot is pinned."""
         if None in self._slots:
             slot, victim = self._slots.index(None), None
@@ -154,6 +132,7 @@ class AdapterRegistry:
                 raise NoFreeSlot(f"AdapterRegistry: all {self.max_loras} slots hold adapters in use "
                                  f"by running requests; raise max_loras or wait")
             slot = self._entries[victim].slot
+        factors = adapter.modules
         new = [n for n in factors if n not in self.stacks]
         try:
             for n in new:
@@ -163,8 +142,7 @@ class AdapterRegistry:
                 self._evict(victim)
             for n, stack in self.stacks.items():
                 if n in factors:
-                    A, B, s = factors[n]
-                    stack.put(slot, A, B, s)
+                    stack.put(slot, factors[n].lora_A, factors[n].lora_B, factors[n].scaling)
                 else:
                     stack.clear(slot)
         except BaseException:
@@ -207,12 +185,14 @@ class AdapterRegistry:
             folder = Path(path)
             if not folder.exists():
                 raise AdapterError(f"AdapterRegistry.load: adapter path {str(folder)!r} does not exist")
-            factors, meta = self._read(folder)
-            nbytes = sum((A.numel() + B.numel()) * self._dtype.itemsize for A, B, _ in factors.values())
-            info = AdapterInfo(name, str(folder), meta["r"], meta["lora_alpha"], meta["modules"], nbytes,
-                               key=f"{name}#{self._reads}")
+            adapter = self._read(folder)
+            nbytes = sum((m.lora_A.numel() + m.lora_B.numel()) * self._dtype.itemsize
+                         for m in adapter.modules.values())
+            info = AdapterInfo(name, str(folder), adapter.r, adapter.lora_alpha, sorted(adapter.modules),
+                               nbytes, use_rslora=adapter.use_rslora, rank_pattern=adapter.rank_pattern,
+                               alpha_pattern=adapter.alpha_pattern, key=f"{name}#{self._reads}")
             try:
-                self._place(info, factors)
+                self._place(info, adapter)
             except NoFreeSlot:
                 pass  # registered; read again when a request needs it
             self._adapters[name] = info
@@ -250,8 +230,7 @@ class AdapterRegistry:
                 if None not in self._slots and all(self._entries[k].pins for k in self._lru):
                     raise NoFreeSlot(f"AdapterRegistry: all {self.max_loras} slots hold adapters "
                                      f"in use by running requests")
-                factors, _ = self._read(Path(info.path))
-                self._place(info, factors)
+                self._place(info, self._read(Path(info.path)))
             info.pins += 1
             self._lru.move_to_end(info.key)
             return info
