@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import safetensors.torch
@@ -135,9 +136,22 @@ def test_wrong_base_weights_are_refused_unless_not_strict(trained, tmp_path, ids
     assert len(lora_layers(other)) == 4
 
 
-def test_bfloat16_copy_of_the_same_base_is_accepted(base, trained, tmp_path):
+def test_bfloat16_copy_of_the_same_base_is_accepted(base, trained, tmp_path, ids):
+    """The fingerprint hashes weights rounded to bfloat16: the same base in bfloat16 matches,
+    with no "different base model" refusal or warning, and gets every saved factor."""
     save_adapter(trained, tmp_path / "ad")
-    load_adapter(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "ad")
+    half = copy.deepcopy(base).to(torch.bfloat16)
+    bare = logits(half, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # accepted means accepted: not loaded with a warning
+        load_adapter(half, tmp_path / "ad")
+    got, want = lora_layers(half), lora_layers(trained)
+    assert got.keys() == want.keys() and len(got) == 4
+    for name, layer in got.items():
+        for ab in ("lora_A", "lora_B"):
+            w = getattr(layer, ab)["default"].weight
+            assert torch.equal(w, getattr(want[name], ab)["default"].weight.to(w.dtype)), (name, ab)
+    assert not torch.equal(logits(half, ids), bare)  # the adapter is active
 
 
 def test_wrong_architecture_is_refused(trained, tmp_path):
