@@ -61,6 +61,36 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
 
 
+def _resolves(dotted: str) -> bool:
+    """``loracore.a.b``: the longest importable module prefix, then attributes."""
+    import importlib
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_contributing_names_only_what_exists():
+    """CONTRIBUTING.md once sent contributors to ``loracore.selfcheck.run_checks``, which never
+    existed: every ``loracore.…`` name it gives, and every name its self-check line gives,
+    must be importable."""
+    import loracore.selfcheck as selfcheck
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    missing = [d for d in sorted(set(re.findall(r"`(loracore(?:\.\w+)+)[`(]", text))) if not _resolves(d)]
+    line = next(l for l in text.splitlines() if l.startswith("- Self-checks:"))
+    names = {n.split(".")[0] for n in re.findall(r"`@?([A-Za-z_][\w.]*)", line)} - {"loracore"}
+    missing += [f"loracore.selfcheck.{n}" for n in sorted(names) if not hasattr(selfcheck, n)]
+    assert not missing, f"CONTRIBUTING.md names {missing}, which do not exist"
+
+
 # --------------------------------------------------------------------------- the lab generator
 
 
