@@ -61,6 +61,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
 
 
+def test_the_makefile_runs_the_short_mode_of_loracore_env():
+    """``make test`` and ``loracore grade`` run one short mode: the Makefile's TEST_ENV spells
+    loracore.env.SHORT_MODE for make, variable for variable, in the same order."""
+    from loracore.env import SHORT_MODE
+    line = re.search(r"^TEST_ENV\s*:=\s*(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert line, "the Makefile has no TEST_ENV := ... line"
+    assert line.group(1).split() == [f"{k}={v}" for k, v in SHORT_MODE.items()], (
+        f"the Makefile's TEST_ENV is {line.group(1)!r}; loracore/env.py's SHORT_MODE is {SHORT_MODE}")
+
+
 def _resolves(dotted: str) -> bool:
     """``loracore.a.b``: the longest importable module prefix, then attributes."""
     import importlib
