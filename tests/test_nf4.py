@@ -200,7 +200,8 @@ def test_bit_exact_edge_cases(double_quant):
 def test_bit_exact_near_the_float32_limit_where_bitsandbytes_is_finite(double_quant):
     """Values up to 1e38 and mixed huge/tiny blocks: the float32 mean of the block constants
     does not overflow yet, so our bytes must still be bitsandbytes' (the overflow fallback in
-    quantize_nf4 is taken only where bitsandbytes returns NaN; see test_bad_inputs_data)."""
+    quantize_nf4 is taken only where bitsandbytes returns NaN; see
+    test_huge_finite_values_quantize_to_finite_values below)."""
     g = torch.Generator().manual_seed(5)
     cases = {
         "one value at 1e38": torch.cat([torch.full((1,), 1e38), torch.randn(300, generator=g)]),
