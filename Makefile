@@ -20,6 +20,7 @@ LAB_CMD     = $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-ro
 # The course's JupyterLab settings (no "Jupyter news?" pop-up over lesson 00), installed where
 # JupyterLab reads overrides for this environment only: the learner's own ~/.jupyter is left alone.
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+# The short mode: loracore/env.py's SHORT_MODE, spelled for make (tests/test_repo.py keeps the two equal).
 TEST_ENV   := LORACORE_FAST=1 LORACORE_BASE_MODEL=smollm2-135m HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
 .PHONY: help venv lab lab-cmd test unit notebooks labs clean-nb check-nb execute bench clean

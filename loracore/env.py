@@ -1,4 +1,8 @@
-"""The environment check the first lesson runs: each package OK or FAIL, with its version."""
+"""The course's environment: the check the first lesson runs (each package OK or FAIL, with its
+version), and the short mode's environment variables (:data:`SHORT_MODE`).
+
+Standard library only, so the grader can import it without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -77,3 +81,16 @@ def check_environment(verbose: bool = True) -> bool:
         if not all(s.ok for s in statuses) or not python_ok:
             print("Something is missing: run `make venv` in the repository root, then restart the kernel.")
     return python_ok and all(s.ok for s in statuses)
+
+
+#: The short mode, offline, as ``make test`` runs the tests and notebooks and ``loracore grade``
+#: runs a submission: the one place these variables are written out (the Makefile's TEST_ENV
+#: spells them for make, and tests/test_repo.py keeps it equal to this). ``LORACORE_FAST=1``
+#: shrinks step counts and data sizes (:data:`loracore.notebook.FAST`), never the code path.
+SHORT_MODE: dict[str, str] = {
+    "LORACORE_FAST": "1",
+    "LORACORE_BASE_MODEL": "smollm2-135m",   # the offline model, not a download
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MPLBACKEND": "Agg",                     # figures drawn without a display
+}

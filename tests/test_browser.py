@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+import loracore.env
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("LORACORE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,10 +46,9 @@ CHROMIUM = os.environ.get("LORACORE_CHROMIUM") or shutil.which("chromium") or sh
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-default-apps",
                  "--disable-features=Translate,OptimizationHints,MediaRouter"]
-# The short mode, as CI runs the notebooks; MPLBACKEND is dropped below, since a learner's kernel
-# draws inline figures and Agg would draw none.
-SHORT_MODE = {"LORACORE_FAST": "1", "LORACORE_BASE_MODEL": "smollm2-135m", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+# The short mode, as CI runs the notebooks, less MPLBACKEND: a learner's kernel draws inline
+# figures, and Agg would draw none.
+SHORT_MODE = {k: v for k, v in loracore.env.SHORT_MODE.items() if k != "MPLBACKEND"}
 NOTEBOOKS = ["lessons/00_tour.ipynb", "lessons/02_lora_layer.ipynb", "labs/lab01_lora_layer.ipynb"]
 
 pytestmark = pytest.mark.browser

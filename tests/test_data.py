@@ -224,3 +224,114 @@ def test_lab02_mask_and_pad_check_accepts_right_and_rejects_unmasked():
     check_mask_and_pad(right)
     with pytest.raises(ExerciseFailed, match="1 of 7 checks failed"):
         check_mask_and_pad(unmasked)
+
+
+# ---- hostile data files ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base():
+    """The tiny random Qwen2 and its tokenizer, loaded once; tests work on deep copies."""
+    return load_base_model("tiny-qwen2", verbose=False)
+
+
+
+def chat_line(q: str = "Capital of France?", a: str = "Paris") -> str:
+    return json.dumps({"messages": [{"role": "user", "content": q},
+                                    {"role": "assistant", "content": a}]})
+
+
+@pytest.fixture
+def good_file(tmp_path) -> Path:
+    path = tmp_path / "good.jsonl"
+    path.write_text("\n".join(chat_line(f"q{i}", f"a{i}") for i in range(3)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, 2.0, True, "3"])
+def test_load_chat_jsonl_refuses_a_limit_that_is_not_a_positive_int(good_file, limit):
+    with pytest.raises(DataError, match=rf"load_chat_jsonl: limit must be a positive integer, "
+                                        rf"got {limit!r}"):
+        load_chat_jsonl(good_file, limit=limit)
+
+
+def test_load_chat_jsonl_limit_one_and_none(good_file):
+    assert len(load_chat_jsonl(good_file, limit=1)) == 1
+    assert len(load_chat_jsonl(good_file, limit=10)) == len(load_chat_jsonl(good_file)) == 3
+
+
+@pytest.mark.parametrize("raw, what", [
+    ("Caf\xe9".encode("latin-1"), rb"b'\\xe9'"),   # Latin-1 text
+    (b"\xff\xfe", rb"b'\\xff'"),                   # a UTF-16 byte-order mark
+    (b"\xed\xa0\x80", rb"b'\\xed'"),               # a surrogate encoded as UTF-8 (CESU-8)
+])
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path, raw, what):
+    path = tmp_path / "mixed.jsonl"
+    line3 = b'{"messages": [{"role": "user", "content": "' + raw + \
+            b'"}, {"role": "assistant", "content": "x"}]}'
+    data = (chat_line() + "\n\n").encode() + line3 + b"\n" + chat_line().encode() + b"\n"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=r"mixed\.jsonl:3: not UTF-8 text \(byte \d+ of the line "
+                                        r"is " + what.decode() + r"\); save the file as UTF-8"):
+        load_chat_jsonl(path)
+    assert path.read_bytes() == data  # reading never rewrites the file
+
+
+@pytest.mark.parametrize("content", ["\\ud800", "ok \\udfff", "\\udc00\\ud800"])
+def test_lone_surrogate_escapes_are_named_by_file_and_line(tmp_path, content):
+    path = tmp_path / "surrogates.jsonl"
+    bad = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "%s"}]}'
+    path.write_text(chat_line() + "\n" + bad % content + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"surrogates\.jsonl:2: messages\[1\]\['content'\] "
+                                        r".*lone surrogate"):
+        load_chat_jsonl(path)
+
+
+def test_a_valid_surrogate_pair_and_a_byte_order_mark_are_fine(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    pair = chat_line("emoji?", "\\ud83d\\ude00").replace("\\\\", "\\")
+    path.write_bytes(b"\xef\xbb\xbf" + (chat_line() + "\n" + pair + "\n").encode())
+    ds = load_chat_jsonl(path)
+    assert len(ds) == 2 and ds[1]["messages"][1]["content"] == "\U0001F600"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [', r"broken\.jsonl:2: not valid JSON \(Expecting value, column 15\)"),
+    ("[1, 2]", r"broken\.jsonl:2: each line must be a JSON object, got list"),
+    ('{"msgs": []}', r"broken\.jsonl:2: missing the field 'messages'"),
+    ("[" * 100000 + "]" * 100000, r"broken\.jsonl:2: (JSON nested too deeply|not valid JSON)"),
+])
+def test_broken_lines_are_named_by_file_and_line(tmp_path, line, message):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(chat_line() + "\n" + line + "\n" + chat_line() + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_chat_jsonl(path)
+
+
+def test_a_folder_is_not_a_file(tmp_path):
+    with pytest.raises(DataError, match="load_chat_jsonl: .* is a folder; pass the .jsonl file"):
+        load_chat_jsonl(tmp_path)
+
+
+
+# ---- batches ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenized(base):
+    return load_sft_dataset(DATA / "capitals_train.jsonl", base[1], max_length=128, limit=4)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.0, True, None])
+def test_make_dataloader_refuses_a_batch_size_that_is_not_a_positive_int(base, tokenized, batch_size):
+    with pytest.raises(DataError, match=rf"make_dataloader: batch_size must be a positive integer, "
+                                        rf"got {batch_size!r}"):
+        make_dataloader(tokenized, base[1], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_length", [0, 64.0])
+def test_tokenize_chat_refuses_a_max_length_that_is_not_a_positive_int(base, good_file, max_length):
+    with pytest.raises(DataError, match=rf"tokenize_chat: max_length must be a positive integer, "
+                                        rf"got {max_length!r}"):
+        load_sft_dataset(good_file, base[1], max_length=max_length)
+
+
+def test_collate_names_a_missing_key():
+    with pytest.raises(DataError, match=r"collate: example 1 has no \['labels'\]"):
+        collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2]}], pad_id=0)

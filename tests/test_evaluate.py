@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from loracore.data import make_dataloader, tokenize_chat
+from loracore.data import DataError, make_dataloader, tokenize_chat
 from loracore.evaluate import (
     EvalResult,
     answer_loss,
@@ -145,3 +145,20 @@ def test_lab02_evaluate_loop_check_accepts_right_and_rejects_exact_match():
     check_evaluate_loop(loop)
     with pytest.raises(ExerciseFailed, match="1 of 5 checks failed"):
         check_evaluate_loop(lambda m, t, c, n: loop(m, t, c, n, mode="exact"))
+
+
+# ---- hostile arguments -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base():
+    """The tiny random Qwen2 and its tokenizer, loaded once; tests work on deep copies."""
+    return load_base_model("tiny-qwen2", verbose=False)
+
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "generate_ids: batch_size must be a positive integer, got 0"),
+    ({"max_new_tokens": 2.0}, "generate_ids: max_new_tokens must be a positive integer, got 2.0"),
+])
+def test_generation_refuses_zero_batch_size_and_float_token_counts(base, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        generate_answers(base[0], base[1], [[{"role": "user", "content": "hi"}]], **kwargs)

@@ -8,36 +8,19 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
+import loracore.surgery as surgery
+from conftest import Q0, assert_unchanged, fail_on_call, randomize_B, snapshot, tiny_qwen2
 from loracore.lora import (LoRALinear, delete_adapter, disable_adapters, inject, is_linear,
                            linear_layer_names, lora_layers, merge_adapters, register_linear_type,
                            remove_lora, set_adapter, trainable_parameters, unmerge_adapters)
 from loracore.layer import lora_update
 from loracore.train import loraplus_param_groups
-
-
-def tiny_qwen2() -> nn.Module:
-    """A seeded 2-layer Qwen2 (hidden 64, 4 heads, 2 kv heads): milliseconds to build."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def randomize_B(model_or_layer: nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    """Give every lora_B a non-zero value (B starts at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    layers = ([model_or_layer] if isinstance(model_or_layer, LoRALinear)
-              else lora_layers(model_or_layer).values())
-    with torch.no_grad():
-        for layer in layers:
-            for lin in layer.lora_B.values():
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
 
 
 @pytest.fixture
@@ -587,3 +570,247 @@ def test_trainable_parameters_count_a_4bit_base_as_its_logical_weights():
     trainable, total, pct = trainable_parameters(model)
     assert (trainable, total) == (adapter, float_total + adapter)
     assert pct == pytest.approx(100 * adapter / (float_total + adapter))
+
+
+# ---- hostile inputs: refused, or rolled back half-way, and nothing changed ----------------
+# Each case asserts that the error names its cause and that the model is exactly as it was
+# (conftest.snapshot: module objects, bits, requires_grad, adapters, inject's record).
+@pytest.fixture(scope="module")
+def _base() -> nn.Module:
+    return tiny_qwen2()
+
+
+@pytest.fixture
+def base(_base) -> nn.Module:
+    return copy.deepcopy(_base)
+
+
+@pytest.fixture
+def trained(_base) -> nn.Module:
+    """A copy of the base with a q/v adapter whose B is non-zero (``base`` stays bare)."""
+    model = inject(copy.deepcopy(_base), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    randomize_B(model)
+    return model
+
+
+
+# ---- inject: bad arguments refused before anything changes --------------------------------
+BAD_INJECT = [
+    (dict(r=0), ValueError, "inject: r must be a positive int"),
+    (dict(r=-1), ValueError, "inject: r must be a positive int"),
+    (dict(r=2.5), ValueError, "inject: r must be a positive int"),
+    (dict(r=True), ValueError, "inject: r must be a positive int"),
+    (dict(lora_alpha=0), ValueError, "inject: lora_alpha=0 .*never learn"),
+    (dict(lora_alpha=0.0), ValueError, "inject: lora_alpha=0 .*never learn"),
+    (dict(lora_alpha=float("nan")), ValueError, "inject: lora_alpha must be a finite number"),
+    (dict(lora_alpha="8"), ValueError, "inject: lora_alpha must be a finite number"),
+    (dict(lora_dropout=1.0), ValueError, r"inject: lora_dropout must be a number in \[0, 1\)"),
+    (dict(lora_dropout=-0.1), ValueError, r"inject: lora_dropout must be a number in \[0, 1\)"),
+    (dict(adapter_name=""), ValueError, "inject: adapter name must be a non-empty string"),
+    (dict(adapter_name="a.b"), ValueError, "inject: adapter name must be .*without dots"),
+    (dict(adapter_name=None), ValueError, "inject: adapter name must be a non-empty string"),
+    (dict(target_modules=None), TypeError, "inject: target_modules must be a list of layer names"),
+    (dict(target_modules=42), TypeError, "inject: target_modules must be a list of layer names"),
+    (dict(target_modules=[]), ValueError, "inject: target_modules is empty"),
+    (dict(target_modules=""), ValueError, "inject: target_modules is an empty string"),
+    (dict(target_modules=["q_proj", 3]), TypeError, "inject: every entry of target_modules"),
+    (dict(target_modules="q_proj("), ValueError,
+     r"inject: target_modules 'q_proj\(' is not a valid regular expression.*\['q_proj'\]"),
+    (dict(target_modules="q_proj"), ValueError,
+     r"single string is read as a regex over full module names.*\['q_proj'\]"),
+    (dict(target_modules=["nope"]), ValueError, r"match no linear layer.*'q_proj'"),
+]
+
+
+@pytest.mark.parametrize("bad, exc, message", BAD_INJECT, ids=[str(b) for b, _, _ in BAD_INJECT])
+def test_inject_refuses_bad_arguments_and_changes_nothing(base, bad, exc, message):
+    kwargs = dict(target_modules=["q_proj"], r=4, lora_alpha=8) | bad
+    before = snapshot(base)
+    with pytest.raises(exc, match=message):
+        inject(base, **kwargs)
+    assert_unchanged(base, before)  # in particular: nothing frozen, no record left
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_second_inject_with_overlapping_targets_wraps_nothing(trained):
+    before = snapshot(trained)
+    with pytest.raises(ValueError, match=rf"inject: modules \[.*'{Q0}'.*\] already have an adapter "
+                                         r"named 'default'.*delete_adapter"):
+        inject(trained, ["q_proj", "k_proj"], r=2, lora_alpha=2)
+    assert_unchanged(trained, before)  # k_proj was not wrapped
+    inject(trained, ["q_proj", "k_proj"], r=2, lora_alpha=2, adapter_name="other")  # the fix works
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_inject_failing_half_way_rolls_back(base, monkeypatch, n):
+    before = snapshot(base)
+    fail_on_call(monkeypatch, surgery, "_replace", n)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        inject(base, "all-linear", r=4, lora_alpha=8)
+    assert_unchanged(base, before)
+    assert not lora_layers(base) and not hasattr(base, "_loracore_requires_grad")
+
+
+def test_inject_interrupted_on_a_model_with_adapters_rolls_back(trained, monkeypatch):
+    before = snapshot(trained)
+    fail_on_call(monkeypatch, LoRALinear, "add_adapter", 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        inject(trained, ["q_proj", "v_proj", "k_proj"], r=2, lora_alpha=2, adapter_name="b")
+    assert_unchanged(trained, before)
+    monkeypatch.undo()
+    inject(trained, ["q_proj", "v_proj", "k_proj"], r=2, lora_alpha=2, adapter_name="b")  # retry works
+
+
+# ---- the layer ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 15), (3, 17), (16, 3), ()])
+def test_forward_with_the_wrong_width_names_in_features_and_the_shape(shape):
+    layer = LoRALinear(nn.Linear(16, 12), r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=rf"LoRALinear.forward: input of shape "
+                                         rf"{re.escape(str(tuple(shape)))}.*in_features=16"):
+        layer(torch.zeros(shape))
+
+
+def test_add_adapter_lora_alpha_zero_is_refused_with_the_reason():
+    layer = LoRALinear(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="LoRALinear.add_adapter: lora_alpha=0.*exactly zero"):
+        layer.add_adapter("a", r=2, lora_alpha=0)
+    assert not layer.lora_A and not layer.r
+
+
+# ---- set_adapter / delete_adapter / remove_lora ---------------------------------------------
+@pytest.mark.parametrize("names, exc, message", [
+    ("defualt", KeyError, r"set_adapter: no adapter named \['defualt'\].*'default'"),
+    (["default", "nope"], KeyError, r"set_adapter: no adapter named \['nope'\]"),
+    (None, TypeError, "set_adapter: adapter names must be a string or a list of strings"),
+    ([1], TypeError, "set_adapter: adapter names must be a string or a list of strings"),
+])
+def test_set_adapter_refusals(trained, names, exc, message):
+    before = snapshot(trained)
+    with pytest.raises(exc, match=message):
+        set_adapter(trained, names)
+    assert_unchanged(trained, before)
+
+
+def test_operations_on_a_model_without_lora_say_inject_first(base):
+    before = snapshot(base)
+    for op in (lambda: set_adapter(base, "default"), lambda: merge_adapters(base),
+               lambda: unmerge_adapters(base), lambda: delete_adapter(base, "default")):
+        with pytest.raises(ValueError, match="has no LoRA layers; call inject"):
+            op()
+    assert_unchanged(base, before)
+
+
+def test_delete_adapter_merged_on_one_layer_deletes_nowhere(trained):
+    lora_layers(trained)["model.layers.1.self_attn.v_proj"].merge()
+    before = snapshot(trained)
+    with pytest.raises(RuntimeError, match=r"delete_adapter: adapter 'default' is merged into "
+                                           r"\['model.layers.1.self_attn.v_proj'\].*unmerge"):
+        delete_adapter(trained, "default")
+    assert_unchanged(trained, before)
+
+
+@pytest.mark.parametrize("name, exc, message", [
+    ("nope", KeyError, r"delete_adapter: no adapter named \['nope'\]"),
+    (None, TypeError, "delete_adapter: the adapter name must be a string"),
+])
+def test_delete_adapter_refusals(trained, name, exc, message):
+    before = snapshot(trained)
+    with pytest.raises(exc, match=message):
+        delete_adapter(trained, name)
+    assert_unchanged(trained, before)
+
+
+def test_remove_lora_failing_half_way_rolls_back(trained, monkeypatch):
+    merge_adapters(trained)
+    before = snapshot(trained)
+    fail_on_call(monkeypatch, surgery, "_replace", 3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        remove_lora(trained)
+    assert_unchanged(trained, before)  # still wrapped, still merged, same bits
+
+
+# ---- merge_adapters -----------------------------------------------------------------------
+def test_merge_unknown_name_is_refused(trained):
+    before = snapshot(trained)
+    with pytest.raises(KeyError, match=r"merge_adapters: no adapter named \['defualt'\].*'default'"):
+        merge_adapters(trained, "defualt")
+    with pytest.raises(TypeError, match="merge_adapters: adapter names must be"):
+        merge_adapters(trained, [None])
+    assert_unchanged(trained, before)
+
+
+def test_merge_into_a_tied_output_head_is_refused(base):
+    inject(base, ["q_proj", "lm_head"], r=4, lora_alpha=8)
+    randomize_B(base)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"merge_adapters: the weight of module 'lm_head' is tied to "
+                                         r"\['model.embed_tokens.weight'\].*untie"):
+        merge_adapters(base)
+    assert_unchanged(base, before)  # q_proj not merged either, embeddings untouched
+
+
+def test_merge_into_an_untied_output_head_works():
+    model = inject(tiny_qwen2(tied=False), ["lm_head"], r=4, lora_alpha=8)
+    randomize_B(model)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    merge_adapters(model)
+    assert lora_layers(model)["lm_head"].merged and torch.equal(model.model.embed_tokens.weight, emb)
+
+
+def test_merge_twice_is_refused_naming_the_module(trained):
+    merge_adapters(trained)
+    before = snapshot(trained)
+    with pytest.raises(RuntimeError, match=rf"merge_adapters: adapter\(s\) \['default'\] already "
+                                           rf"merged into module '{Q0}'"):
+        merge_adapters(trained)
+    assert_unchanged(trained, before)
+
+
+def test_merge_into_a_quantized_base_is_refused_naming_the_module():
+    from loracore.qlora import Linear4bit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model[1] = Linear4bit.from_linear(model[1])
+    inject(model, ["0", "1"], r=2, lora_alpha=4)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="merge_adapters: module '1' has a Linear4bit base"):
+        merge_adapters(model)
+    assert_unchanged(model, before)
+
+
+def test_merge_non_finite_on_the_last_layer_merges_nothing(trained):
+    last = list(lora_layers(trained).values())[-1]
+    with torch.no_grad():
+        last.lora_A["default"].weight.fill_(1e30)
+        last.lora_B["default"].weight.fill_(1e30)
+    before = snapshot(trained)
+    with pytest.raises(ValueError, match=r"merge_adapters: module 'model.layers.1.self_attn.v_proj'"
+                                         r".*non-finite.*nothing was merged"):
+        merge_adapters(trained)
+    assert_unchanged(trained, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3])
+def test_merge_failing_half_way_rolls_back_bit_for_bit(base, monkeypatch, dtype, n):
+    """A second adapter merged on top of a first one, failing on the n-th layer: the first
+    stays merged with exactly its bits, the second is merged nowhere."""
+    base.to(dtype)
+    inject(base, ["q_proj", "v_proj"], r=4, lora_alpha=8, adapter_name="a")
+    inject(base, ["q_proj", "v_proj"], r=2, lora_alpha=4, adapter_name="b")
+    randomize_B(base)
+    merge_adapters(base, "a")
+    before = snapshot(base)
+    fail_on_call(monkeypatch, LoRALinear, "merge", n)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        merge_adapters(base, "b")
+    assert_unchanged(base, before)
+
+
+def test_unmerge_failing_half_way_rolls_back(trained, monkeypatch):
+    merge_adapters(trained)
+    before = snapshot(trained)
+    fail_on_call(monkeypatch, LoRALinear, "unmerge", 3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        unmerge_adapters(trained)
+    assert_unchanged(trained, before)

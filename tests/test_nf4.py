@@ -1,11 +1,13 @@
 """NF4 against bitsandbytes: same code books, same packed bytes, same constants, same values.
 
 bitsandbytes 0.50 runs ``quantize_4bit`` / ``dequantize_4bit`` on the CPU, so every check
-here compares with the trusted implementation byte for byte.
+here compares with the trusted implementation byte for byte. At the end: hostile inputs
+(huge and non-finite values, a tampered NF4Tensor) are refused or stay finite.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -17,6 +19,7 @@ from loracore.nf4 import (
     dynamic_code, fp4_code, int4_code, nearest_code_index, nf4_code, pack_nibbles,
     quantize_blockwise_8bit, quantize_nf4, unpack_nibbles,
 )
+from loracore.qlora import Linear4bit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -197,7 +200,8 @@ def test_bit_exact_edge_cases(double_quant):
 def test_bit_exact_near_the_float32_limit_where_bitsandbytes_is_finite(double_quant):
     """Values up to 1e38 and mixed huge/tiny blocks: the float32 mean of the block constants
     does not overflow yet, so our bytes must still be bitsandbytes' (the overflow fallback in
-    quantize_nf4 is taken only where bitsandbytes returns NaN; see test_bad_inputs_data)."""
+    quantize_nf4 is taken only where bitsandbytes returns NaN; see
+    test_huge_finite_values_quantize_to_finite_values below)."""
     g = torch.Generator().manual_seed(5)
     cases = {
         "one value at 1e38": torch.cat([torch.full((1,), 1e38), torch.randn(300, generator=g)]),
@@ -334,3 +338,106 @@ def test_nf4tensor_fields():
     assert q.absmax2.shape == (1,) and q.offset.shape == ()
     q = quantize_nf4(torch.randn(10, 100), blocksize=128, double_quant=False)
     assert not q.double_quant and q.absmax.dtype == torch.float32 and q.offset is None
+
+
+# ---- NF4: huge and non-finite values ------------------------------------------------------
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("huge", [1e38, 3e38, 3.4e38, -3.4e38])
+def test_huge_finite_values_quantize_to_finite_values(huge, double_quant):
+    """Before: values near the float32 limit overflowed the mean of the block constants and
+    quantize_nf4 died with an index overflow (bitsandbytes returns NaN there)."""
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
+    w[0, 0], w[3, 7], w[5, 100] = huge, -huge, huge / 2
+    q = quantize_nf4(w, double_quant=double_quant)
+    d = dequantize_nf4(q)
+    assert torch.isfinite(d).all()
+    for idx in [(0, 0), (3, 7)]:  # the largest value of a block is stored exactly (code ±1)
+        assert math.isclose(d[idx].item(), w[idx].item(), rel_tol=1e-2)
+    assert torch.equal(dequantize_nf4_reference(q), d)
+
+
+def test_mixed_huge_and_tiny_blocks_without_double_quant_keep_each_blocks_scale():
+    """One absmax per block in float32: a block of 1e-30s is not crushed by a block of 1e38s."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.cat([torch.randn(64, generator=g) * 1e38 / 4, torch.randn(64, generator=g) * 1e-30,
+                   torch.randn(64, generator=g)])
+    d = dequantize_nf4(quantize_nf4(w, double_quant=False))
+    code = nf4_code()
+    bound = (code[1:] - code[:-1]).max().item() / 2 * 1.001  # half the widest gap, times absmax
+    for block in range(3):
+        x, y = w[block * 64:(block + 1) * 64], d[block * 64:(block + 1) * 64]
+        assert ((x - y).abs().max() / x.abs().max()).item() <= bound, block
+
+
+@pytest.mark.parametrize("bad, name", [(float("nan"), "nan"), (float("inf"), "inf"),
+                                       (-float("inf"), "-inf")])
+def test_quantize_nf4_refuses_non_finite_naming_the_block(bad, name):
+    w = torch.zeros(300)
+    w[200] = bad
+    with pytest.raises(ValueError, match=r"quantize_nf4: .*non-finite values \(first in block 3"):
+        quantize_nf4(w)
+
+
+# ---- NF4: a tampered NF4Tensor is refused before decoding ---------------------------------
+def _tamper(q: NF4Tensor, how: str) -> NF4Tensor:
+    r = dataclasses.replace
+    return {
+        "shape larger": lambda: r(q, shape=torch.Size((40, 200))),
+        "shape empty": lambda: r(q, shape=torch.Size((0, 96))),
+        "shape negative": lambda: r(q, shape=(-40, 96)),
+        "shape of floats": lambda: r(q, shape=(40.0, 96)),
+        "blocksize not a power of two": lambda: r(q, blocksize=48),
+        "blocksize changed": lambda: r(q, blocksize=128),
+        "packed truncated": lambda: r(q, packed=q.packed[:-1]),
+        "packed int32": lambda: r(q, packed=q.packed.int()),
+        "absmax truncated": lambda: r(q, absmax=q.absmax[:-1]),
+        "absmax float (double quant)": lambda: r(q, absmax=q.absmax.float()),
+        "absmax2 missing": lambda: r(q, absmax2=None),
+        "absmax2 wrong length": lambda: r(q, absmax2=torch.ones(3)),
+        "offset float64": lambda: r(q, offset=q.offset.double()),
+        "dtype int": lambda: r(q, dtype=torch.int8),
+        "dtype string": lambda: r(q, dtype="float32"),
+        "parts on two devices": lambda: r(q, absmax=q.absmax.to("meta")),
+    }[how]()
+
+
+TAMPERS = {
+    "shape larger": "packed holds 1920 bytes; shape \\(40, 200\\) needs",
+    "shape empty": "shape \\(0, 96\\) holds no values",
+    "shape negative": "holds no values",
+    "shape of floats": "shape must be a sequence of ints",
+    "blocksize not a power of two": "blocksize must be a power of two",
+    "blocksize changed": "absmax holds 60 constants; 3840 values in blocks of 128 need 30",
+    "packed truncated": "packed holds 1919 bytes",
+    "packed int32": "packed must be a 1-D uint8 tensor",
+    "absmax truncated": "absmax holds 59 constants",
+    "absmax float (double quant)": "absmax must be a 1-D torch.uint8 tensor \\(double quantization\\)",
+    "absmax2 missing": "offset and absmax2 must be both set",
+    "absmax2 wrong length": "absmax2 has shape \\(3,\\)",
+    "offset float64": "offset must be a float32 tensor",
+    "dtype int": "dtype must be float32, bfloat16 or float16, got torch.int8",
+    "dtype string": "dtype must be float32, bfloat16 or float16, got 'float32'",
+    "parts on two devices": "on different devices",
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERS))
+def test_tampered_nf4tensor_is_refused_before_decoding(how):
+    q = quantize_nf4(torch.randn(40, 96, generator=torch.Generator().manual_seed(2)))
+    bad = _tamper(q, how)
+    for fn, name in ((dequantize_nf4, "dequantize_nf4"),
+                     (dequantize_nf4_reference, "dequantize_nf4_reference"),
+                     (Linear4bit, "Linear4bit")):
+        with pytest.raises((ValueError, TypeError), match=rf"{name}: inconsistent NF4Tensor: "
+                                                          rf".*{TAMPERS[how]}"):
+            fn(bad)
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "float32"])
+def test_dequantize_refuses_a_non_float_output_dtype(dtype):
+    q = quantize_nf4(torch.randn(8, 64))
+    for fn in (dequantize_nf4, dequantize_nf4_reference):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: dtype must be float32"):
+            fn(q, dtype)

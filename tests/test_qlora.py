@@ -1,16 +1,21 @@
-"""QLoRA: the NF4 linear layer, quantizing a model, and LoRA on top of a 4-bit base."""
+"""QLoRA: the NF4 linear layer, quantizing a model, and LoRA on top of a 4-bit base; and
+quantize_model's all-or-nothing refusals."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import assert_unchanged, randomize_B, snapshot
+from loracore import qlora
 from loracore.adapters import load_adapter, save_adapter
 from loracore.lora import inject, lora_layers, trainable_parameters
 from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from loracore.models import load_base_model
 from loracore.qlora import Linear4bit, model_bytes, quantize_model
 from loracore.train import causal_lm_loss
 
@@ -18,15 +23,6 @@ from loracore.train import causal_lm_loss
 def make_linear(in_features: int = 96, out_features: int = 40, bias: bool = True) -> nn.Linear:
     torch.manual_seed(0)
     return nn.Linear(in_features, out_features, bias=bias)
-
-
-def randomize_B(model: nn.Module, std: float = 0.05) -> None:
-    """Non-zero B, so an adapter's contribution is visible (B starts at zero)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            for lin in layer.lora_B.values():
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
 
 
 # ---- Linear4bit -------------------------------------------------------------------------
@@ -155,7 +151,7 @@ def test_lora_wraps_linear4bit_and_starts_at_the_quantized_base(tiny):
     assert trainable == sum(l.lora_A["default"].weight.numel() + l.lora_B["default"].weight.numel()
                             for l in layers.values())
     assert all(l.lora_A["default"].weight.dtype == torch.float32 for l in layers.values())
-    randomize_B(model)
+    randomize_B(model, std=0.05)
     assert not torch.allclose(model(input_ids=ids).logits, base_logits)
     with pytest.raises(TypeError, match="Linear4bit"):
         next(iter(layers.values())).merge()
@@ -188,7 +184,7 @@ def test_qlora_training_step_lowers_the_loss(tiny):
 def test_adapter_trained_on_4bit_base_saves_and_loads(tiny, tmp_path):
     from loracore.models import load_base_model
     model, _ = qlora_model(tiny)
-    randomize_B(model)
+    randomize_B(model, std=0.05)
     ids = torch.randint(0, 200, (2, 10))
     want = model(input_ids=ids).logits
     path = save_adapter(model, tmp_path / "qlora")
@@ -204,7 +200,7 @@ def test_qlora_adapter_fingerprints_the_4bit_base(tiny, tmp_path):
     only) is accepted, so a QLoRA adapter can be merged into the float base."""
     from loracore.models import load_base_model
     model, _ = qlora_model(tiny)
-    randomize_B(model)
+    randomize_B(model, std=0.05)
     path = save_adapter(model, tmp_path / "qlora")
     fp = load_fingerprint(path)
     assert fp["weights_sha256"] is None and len(fp["quantized_sha256"]) == 64
@@ -265,3 +261,163 @@ def test_quantize_model_with_your_own_quantizer(tiny):
         with pytest.raises(exc, match=r"quantize_model: layer 'model\.layers\.0\.self_attn\.q_proj': .*" + message):
             quantize_model(fresh, quantizer=bad)
         assert {n: type(m) for n, m in fresh.named_modules()} == before
+
+
+# ---- quantize_model and Linear4bit: hostile inputs, all or nothing ------------------------
+@pytest.fixture(scope="module")
+def base():
+    """The tiny random Qwen2 and its tokenizer, loaded once; tests work on deep copies."""
+    return load_base_model("tiny-qwen2", verbose=False)
+
+
+
+@pytest.fixture
+def model(base):
+    return copy.deepcopy(base[0])
+
+
+LINEAR_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
+                "model.layers.1.mlp.down_proj"]
+
+
+
+# ---- quantize_model: all or nothing -------------------------------------------------------
+@pytest.mark.parametrize("layer", LINEAR_NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_model_refuses_a_non_finite_layer_before_converting_any(model, layer, bad):
+    with torch.no_grad():
+        model.get_submodule(layer).weight[1, 2] = bad
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"quantize_model: layer '{layer}' has 1 non-finite"):
+        quantize_model(model)
+    assert_unchanged(model, before)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_quantize_model_failure_in_the_third_quantization_leaves_the_model_whole(model, monkeypatch):
+    calls = []
+    real = Linear4bit.from_linear.__func__
+
+    def failing(cls, linear, **kw):
+        calls.append(linear)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(cls, linear, **kw)
+
+    monkeypatch.setattr(Linear4bit, "from_linear", classmethod(failing))
+    before = snapshot(model)
+    third = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"][2]
+    with pytest.raises(RuntimeError, match=rf"quantize_model: layer '{third}': injected failure; "
+                                           r"nothing was quantized"):
+        quantize_model(model)
+    assert len(calls) == 3
+    assert_unchanged(model, before)
+    monkeypatch.undo()
+    quantize_model(model)  # and a retry works on the untouched model
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 3
+
+
+def test_quantize_model_failure_while_swapping_puts_every_layer_back(model, monkeypatch):
+    calls = []
+    real = qlora._swap
+
+    def failing(parent, child, module):
+        calls.append(child)
+        if len(calls) == 3:
+            raise RuntimeError("injected swap failure")
+        real(parent, child, module)
+
+    monkeypatch.setattr(qlora, "_swap", failing)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="injected swap failure"):
+        quantize_model(model)
+    assert len(calls) == 3  # two layers had been swapped in: both must be back
+    assert_unchanged(model, before)
+
+
+# ---- quantize_model: skip -----------------------------------------------------------------
+@pytest.mark.parametrize("skip", ["lm_head", ["lm_head"], ("lm_head",), {"lm_head"}])
+def test_skip_one_string_is_one_name(model, skip):
+    quantize_model(model, skip=skip)
+    assert type(model.lm_head) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+def test_skip_a_list_of_last_names_and_full_names(model):
+    quantize_model(model, skip=["lm_head", "down_proj", "model.layers.0.self_attn.q_proj"])
+    assert type(model.lm_head) is nn.Linear
+    assert all(type(layer.mlp.down_proj) is nn.Linear for layer in model.model.layers)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, Linear4bit)
+
+
+@pytest.mark.parametrize("skip, exc, message", [
+    (["lm_haed"], ValueError, r"skip names \['lm_haed'\], which match no nn.Linear"),
+    ("down_prj", ValueError, r"skip names \['down_prj'\]"),
+    ([3], TypeError, "skip holds 3; every entry must be a non-empty layer name"),
+    ([""], TypeError, "skip holds ''"),
+    (5, TypeError, "skip must be a layer name or a list of names, got int"),
+])
+def test_skip_bad_names_are_refused_and_change_nothing(model, skip, exc, message):
+    before = snapshot(model)
+    with pytest.raises(exc, match=message):
+        quantize_model(model, skip=skip)
+    assert_unchanged(model, before)
+
+
+# ---- quantize_model / Linear4bit: arguments -----------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({"compute_dtype": torch.int8}, TypeError, r"quantize_model: compute_dtype must be torch.float32.*torch.int8"),
+    ({"compute_dtype": "float16"}, TypeError, r"quantize_model: compute_dtype .* got 'float16' \(str\)"),
+    ({"compute_dtype": torch.float64}, TypeError, r"quantize_model: compute_dtype .*torch.float64"),
+    ({"blocksize": 48}, ValueError, "quantize_model: blocksize must be a power of two"),
+    ({"blocksize": True}, ValueError, "quantize_model: blocksize must be a power of two"),
+    ({"double_quant": "yes"}, TypeError, "quantize_model: double_quant must be True or False"),
+])
+def test_quantize_model_bad_arguments_change_nothing(model, kwargs, exc, message):
+    before = snapshot(model)
+    with pytest.raises(exc, match=message):
+        quantize_model(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_quantize_model_refuses_a_float64_layer_by_name(model):
+    model.model.layers[1].mlp.gate_proj.double()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"layer 'model.layers.1.mlp.gate_proj' has weight dtype "
+                                        r"torch.float64.*model.float\(\)"):
+        quantize_model(model)
+    assert_unchanged(model, before)
+
+
+def test_quantize_model_refuses_a_model_with_lora_and_changes_nothing(model):
+    inject(model, ["q_proj"], r=2, lora_alpha=4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already has LoRA layers; quantize the base model first"):
+        quantize_model(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.int32, "float32", torch.float64, 32])
+def test_linear4bit_refuses_a_compute_dtype_that_is_not_a_float_dtype(compute_dtype):
+    lin = nn.Linear(64, 8)
+    with pytest.raises(TypeError, match=r"Linear4bit.from_linear: compute_dtype must be"):
+        Linear4bit.from_linear(lin, compute_dtype=compute_dtype)
+    with pytest.raises(TypeError, match=r"Linear4bit: compute_dtype must be"):
+        Linear4bit(quantize_nf4(lin.weight.detach()), compute_dtype=compute_dtype)
+
+
+
+# ---- Linear4bit: a tampered NF4Tensor is refused -------------------------------------------
+def test_tampered_buffers_of_a_linear4bit_are_refused_at_forward():
+    layer = Linear4bit.from_linear(nn.Linear(96, 40))
+    layer.weight_absmax = layer.weight_absmax[:-2]  # e.g. a state dict from another blocksize
+    with pytest.raises(ValueError, match="dequantize_nf4: inconsistent NF4Tensor: absmax holds"):
+        layer(torch.randn(2, 96))
+
+
+def test_non_finite_block_constants_are_refused_by_linear4bit():
+    q = quantize_nf4(torch.randn(8, 64), double_quant=False)
+    q.absmax[0] = float("nan")
+    with pytest.raises(ValueError, match="Linear4bit: inconsistent NF4Tensor: .*hold NaN or inf"):
+        Linear4bit(q)

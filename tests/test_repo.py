@@ -61,6 +61,46 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
 
 
+def test_the_makefile_runs_the_short_mode_of_loracore_env():
+    """``make test`` and ``loracore grade`` run one short mode: the Makefile's TEST_ENV spells
+    loracore.env.SHORT_MODE for make, variable for variable, in the same order."""
+    from loracore.env import SHORT_MODE
+    line = re.search(r"^TEST_ENV\s*:=\s*(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert line, "the Makefile has no TEST_ENV := ... line"
+    assert line.group(1).split() == [f"{k}={v}" for k, v in SHORT_MODE.items()], (
+        f"the Makefile's TEST_ENV is {line.group(1)!r}; loracore/env.py's SHORT_MODE is {SHORT_MODE}")
+
+
+def _resolves(dotted: str) -> bool:
+    """``loracore.a.b``: the longest importable module prefix, then attributes."""
+    import importlib
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_contributing_names_only_what_exists():
+    """CONTRIBUTING.md once sent contributors to ``loracore.selfcheck.run_checks``, which never
+    existed: every ``loracore.…`` name it gives, and every name its self-check line gives,
+    must be importable."""
+    import loracore.selfcheck as selfcheck
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    missing = [d for d in sorted(set(re.findall(r"`(loracore(?:\.\w+)+)[`(]", text))) if not _resolves(d)]
+    line = next(l for l in text.splitlines() if l.startswith("- Self-checks:"))
+    names = {n.split(".")[0] for n in re.findall(r"`@?([A-Za-z_][\w.]*)", line)} - {"loracore"}
+    missing += [f"loracore.selfcheck.{n}" for n in sorted(names) if not hasattr(selfcheck, n)]
+    assert not missing, f"CONTRIBUTING.md names {missing}, which do not exist"
+
+
 # --------------------------------------------------------------------------- the lab generator
 
 

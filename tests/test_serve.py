@@ -267,6 +267,14 @@ def prompt(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def greedy(model, ids: list[int], n: int, eos) -> list[int]:
+    """The reference: transformers' own greedy ``generate``, cut before the first EOS."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
+
+
 def test_greedy_equals_transformers_generate(engine):
     eng, paths = engine
     model, tok = eng.model, eng.tokenizer
@@ -337,7 +345,9 @@ def test_load_and_unload_while_requests_run(engine, tmp_path):
     assert [r.result(60) for r in running] == [want] * 3
     with pytest.raises(UnknownAdapter):
         eng.submit(ids, "a", params)
-    assert eng.generate(ids, "d", SamplingParams(max_tokens=4)) is not None
+    got = eng.generate(ids, "d", SamplingParams(max_tokens=4))   # d serves as itself:
+    assert got == greedy(with_adapter(eng.model, tmp_path / "d"), ids, 4, eng.eos)
+    assert got != eng.generate(ids, None, SamplingParams(max_tokens=4))  # not as the base
     eng.registry.load("a", paths["a"])            # the name can be used again
     assert eng.generate(ids, "a", params) == want
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from loracore.models import build_tiny_qwen2, load_base_model
-from test_serve import make_adapter
+from test_serve import greedy, make_adapter, with_adapter
 
 HOST = "127.0.0.1"
 
@@ -164,7 +164,7 @@ def test_hot_load_and_unload(server, adapters):
     error_of(post(server, "/v1/completions", {"model": "c", "prompt": "x"}), 404)
 
 
-def test_the_openai_client_works_unchanged(server):
+def test_the_openai_client_works_unchanged(server, adapters):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert {m.id for m in client.models.list()} >= {"tiny-qwen2", "a", "b"}
@@ -176,7 +176,11 @@ def test_the_openai_client_works_unchanged(server):
         if c.choices)
     assert streamed == chat.choices[0].message.content
     comp = client.completions.create(model="b", prompt="Once", max_tokens=4, temperature=0)
-    assert comp.usage.prompt_tokens == 4 and comp.choices[0].text is not None
+    model, tok = load_base_model("tiny-qwen2", verbose=False)   # the reference: adapter b's greedy answer
+    eos = {model.generation_config.eos_token_id, tok.eos_token_id} - {None}
+    want = greedy(with_adapter(model, adapters["b"]), tok("Once", add_special_tokens=False)["input_ids"], 4, eos)
+    assert comp.usage.prompt_tokens == 4 and comp.usage.completion_tokens == len(want) >= 1
+    assert comp.choices[0].text == tok.decode(want, skip_special_tokens=True)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):

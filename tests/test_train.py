@@ -1,16 +1,20 @@
 """loracore.train on tiny-qwen2: the loss, padding invariance, learning, reproducibility, and the
-adapter's life cycle (save, reload, remove)."""
+adapter's life cycle (save, reload, remove); hostile batches and arguments are named and change
+nothing."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from conftest import assert_unchanged, snapshot
 from loracore.adapters import load_adapter, save_adapter
-from loracore.data import IGNORE_INDEX, collate, load_sft_dataset, make_dataloader, pad_token_id
+from loracore.data import IGNORE_INDEX, DataError, collate, load_sft_dataset, make_dataloader, pad_token_id
 from loracore.evaluate import answer_loss
 from loracore.lora import disable_adapters, inject, lora_layers, remove_lora
 from loracore.models import load_base_model
@@ -318,3 +322,108 @@ def test_lab02_training_step_check_accepts_right_and_rejects_unshifted():
     check_training_step(step)
     with pytest.raises(ExerciseFailed):
         check_training_step(lambda m, b, o: step(m, b, o, shift=False))
+
+
+# ---- hostile batches and arguments: named, and nothing changed ------------------------------
+@pytest.fixture(scope="module")
+def base():
+    """The tiny random Qwen2 and its tokenizer, loaded once; tests work on deep copies."""
+    return load_base_model("tiny-qwen2", verbose=False)
+
+
+
+@pytest.fixture(scope="module")
+def tokenized(base):
+    return load_sft_dataset(DATA / "capitals_train.jsonl", base[1], max_length=128, limit=4)
+
+
+
+def _batch(base, tokenized) -> dict:
+    return collate(tokenized.select(range(2)), pad_token_id(base[1]))
+
+
+def _lora(base) -> nn.Module:
+    m = copy.deepcopy(base[0])
+    torch.manual_seed(0)
+    inject(m, ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    return m
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b.pop("attention_mask"), r"the batch has no 'attention_mask' \(the 1s over real "
+                                        r"tokens.*it has \['input_ids', 'labels'\]"),
+    (lambda b: b.pop("labels"), r"the batch has no 'labels'"),
+    (lambda b: b.update(labels=b["labels"].float()), r"batch\['labels'\] must be a 2-D integer tensor"),
+    (lambda b: b.update(attention_mask=b["attention_mask"][:, :-1]),
+     r"batch\['attention_mask'\] has shape \(2, \d+\) but input_ids has"),
+    (lambda b: b.update(input_ids=b["input_ids"].tolist()), r"batch\['input_ids'\] must be a 2-D"),
+])
+def test_a_bad_batch_is_named_by_train_and_answer_loss(base, tokenized, change, message):
+    batch = _batch(base, tokenized)
+    change(batch)
+    model = _lora(base)
+    before = snapshot(model)
+    with pytest.raises(DataError, match=r"train: step 0, micro-batch 0: " + message):
+        train(model, [batch], num_steps=2, progress=False)
+    model.train(before["training"])  # train() always leaves eval mode; compare the rest
+    assert_unchanged(model, before)  # the first micro-batch is checked before any update
+    with pytest.raises(DataError, match=r"answer_loss: batch 0: " + message):
+        answer_loss(model, [batch])
+
+
+def test_a_batch_that_is_not_a_dict(base):
+    with pytest.raises(DataError, match=r"train: step 0, micro-batch 0: a batch must be a dict"):
+        train(_lora(base), [torch.zeros(2, 3)], num_steps=1, progress=False)
+
+
+
+# ---- train: arguments are checked before anything changes ---------------------------------
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({"max_grad_norm": -1.0}, ValueError, r"train \(None skips clipping\): max_grad_norm must be "
+                                          r"a finite number > 0, got -1.0"),
+    ({"max_grad_norm": 0}, ValueError, "max_grad_norm must be a finite number > 0, got 0"),
+    ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm must be a finite number > 0"),
+    ({"max_grad_norm": float("inf")}, ValueError, "max_grad_norm must be a finite number > 0"),
+    ({"num_steps": 10.0}, TypeError, r"train: num_steps must be an int, got 10.0 \(float\); "
+                                     r"round it on purpose, e.g. int\(10.0\)"),
+    ({"num_steps": 2.5}, TypeError, r"train: num_steps must be an int, got 2.5"),
+    ({"num_steps": True}, TypeError, r"train: num_steps must be an int, got True \(bool\)"),
+    ({"num_steps": "3"}, TypeError, r"train: num_steps must be an int, got '3' \(str\)"),
+    ({"num_steps": -2}, ValueError, "train: num_steps and grad_accum_steps must be >= 1"),
+    ({"grad_accum_steps": 2.0}, TypeError, r"train: grad_accum_steps must be an int, got 2.0"),
+    ({"grad_accum_steps": 0}, ValueError, "num_steps and grad_accum_steps must be >= 1, got 2 and 0"),
+    ({"grad_accum_steps": False}, TypeError, r"train: grad_accum_steps must be an int, got False"),
+    ({"lr": 0.0}, ValueError, "train: lr must be a finite number > 0, got 0.0"),
+    ({"lr": -1e-3}, ValueError, "train: lr must be a finite number > 0, got -0.001"),
+    ({"lr": float("nan")}, ValueError, "train: lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, ValueError, "train: lr must be a finite number > 0, got inf"),
+    ({"lr": "1e-3"}, ValueError, "train: lr must be a finite number > 0, got '1e-3'"),
+    ({"weight_decay": -0.1}, ValueError, "train: weight_decay must be a finite number >= 0"),
+    ({"loraplus_lr_ratio": float("nan")}, ValueError, "train: loraplus_lr_ratio must be a finite"),
+    ({"warmup_steps": 1.5}, TypeError, r"lr_schedule: warmup_steps must be an int, got 1.5"),
+    ({"warmup_steps": 5}, ValueError, "lr_schedule: need 0 <= warmup_steps <= num_steps"),
+    ({"schedule": "cosin"}, ValueError, "lr_schedule: kind must be 'cosine'"),
+    ({"optimizer": "adam"}, TypeError, "train: optimizer must be a torch.optim.Optimizer, got str"),
+])
+def test_train_refuses_bad_arguments_before_touching_anything(base, tokenized, kwargs, exc, message):
+    model = _lora(base)
+    model.train()
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    args = {"num_steps": 2, **kwargs}
+    with pytest.raises(exc, match=message):
+        train(model, [_batch(base, tokenized)], progress=False, **args)
+    assert_unchanged(model, before)  # not even switched to eval mode
+    assert torch.equal(torch.get_rng_state(), rng)  # nor the global RNG seeded
+
+
+def test_max_grad_norm_none_still_skips_clipping(base, tokenized):
+    model = _lora(base)
+    result = train(model, [_batch(base, tokenized)], num_steps=1, max_grad_norm=None, progress=False)
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+
+
+def test_lr_schedule_refuses_a_float_step_count():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(TypeError, match=r"lr_schedule: num_steps must be an int, got 10.0"):
+        lr_schedule(opt, num_steps=10.0)

@@ -20,15 +20,13 @@ from typing import Any
 
 import nbformat
 
+from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
 from loracore.grade.labs import Lab, find_lab
 from loracore.grade.restore import NotGradable, read_submission, restore
 
 #: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 
-#: The short mode, offline, as `make test` runs the labs.
-SHORT_MODE = {"LORACORE_FAST": "1", "LORACORE_BASE_MODEL": "smollm2-135m", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
 
 
 def model_cache_lock() -> Path:
