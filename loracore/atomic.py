@@ -1,7 +1,8 @@
 """Crash-safe writes: a file or a whole folder is replaced completely or not at all.
 
 Used for adapter folders (:func:`loracore.adapters.save_adapter`) and training checkpoints
-(:mod:`loracore.checkpoint`). A folder ``F`` is replaced in five moves:
+(:mod:`loracore.checkpoint`); :func:`sha256_file` checks what was written.
+A folder ``F`` is replaced in five moves:
 
 1. write the new files into a hidden sibling ``.F.loracore-tmp-<id>`` and sync them;
 2. rename it to ``.F.loracore-new-<id>``: from now on it is known to be complete;
@@ -18,6 +19,7 @@ One writer per folder at a time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_folder", "recover", "atomic_write_text", "STAGES"]
+__all__ = ["write_folder", "recover", "atomic_write_text", "sha256_file", "STAGES"]
 
 #: The moments of :func:`write_folder` at which :func:`_stage` is called (the crash tests kill there).
 STAGES = ("new-complete", "old-aside", "new-in-place")
@@ -58,6 +60,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits; read in 4 MiB chunks, so a large
+    file (a model's weights) never sits in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _leftovers(folder: Path) -> dict[str, list[Path]]:

@@ -23,7 +23,6 @@ interrupted run ends with the same adapter, bit for bit on the CPU, as one never
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from loracore.atomic import atomic_write_text
+from loracore.argtypes import positive_float, positive_int
+from loracore.atomic import atomic_write_text, sha256_file
 from loracore.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from loracore.data import DataError, collate, load_chat_jsonl, pad_token_id, tokenize_chat
 from loracore.train import causal_lm_loss, lr_schedule
@@ -56,26 +56,6 @@ class FinetuneError(ValueError):
 
 
 # ---- arguments ----------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The command's options (shared by ``loracore finetune`` and ``python -m loracore.finetune``)."""
     a = parser.add_argument
@@ -86,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--out", required=True, type=Path, help="output folder (adapter, args, history, checkpoint)")
     # --rank and --lora-r are the same option: under torchrun, spell it one of those, because
     # torchrun's own parser reads "--r" as an abbreviation of its --rdzv-*/--role options.
-    a("--r", "--rank", "--lora-r", dest="r", type=_positive_int, default=16,
+    a("--r", "--rank", "--lora-r", dest="r", type=positive_int, default=16,
       help="LoRA rank (default 16); --rank under torchrun")
-    a("--lora-alpha", type=_positive_float, default=32.0, help="LoRA alpha (default 32)")
+    a("--lora-alpha", type=positive_float, default=32.0, help="LoRA alpha (default 32)")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default 0)")
     a("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     a("--use-dora", action="store_true",
@@ -96,22 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
            "(PEFT's use_dora; vLLM does not serve DoRA adapters: merge them first)")
     a("--target-modules", default="all-linear",
       help="'all-linear' or comma-separated layer names such as q_proj,v_proj")
-    a("--steps", type=_positive_int, required=True, help="optimizer steps")
-    a("--batch-size", type=_positive_int, default=8, help="global batch: examples per step "
+    a("--steps", type=positive_int, required=True, help="optimizer steps")
+    a("--batch-size", type=positive_int, default=8, help="global batch: examples per step "
       "per accumulation round, split over the processes (default 8)")
-    a("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     a("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     a("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     a("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    a("--max-grad-norm", type=_positive_float, default=1.0, help="gradient clipping norm")
-    a("--max-length", type=_positive_int, default=256, help="longest example in tokens")
+    a("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
+    a("--max-length", type=positive_int, default=256, help="longest example in tokens")
     a("--qlora", action="store_true", help="quantize the base to NF4 first (QLoRA)")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
       help="base model dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     a("--seed", type=int, default=0, help="seeds the adapter's init and the data order")
-    a("--save-every", type=_positive_int, help="write a checkpoint every N steps")
-    a("--eval-every", type=_positive_int, help="evaluate on --eval every N steps")
+    a("--save-every", type=positive_int, help="write a checkpoint every N steps")
+    a("--eval-every", type=positive_int, help="evaluate on --eval every N steps")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--overwrite", action="store_true", help="replace what --out holds")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -133,15 +113,11 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     targets = args.target_modules if args.target_modules == "all-linear" else sorted(
         t.strip() for t in args.target_modules.split(",") if t.strip())
-    return {"model": args.model, "data": str(args.data), "data_sha256": _sha256(args.data),
+    return {"model": args.model, "data": str(args.data), "data_sha256": sha256_file(args.data),
             "eval": str(args.eval) if args.eval else None, "r": args.r,
             "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
             "use_rslora": args.use_rslora, "use_dora": args.use_dora, "target_modules": targets,
