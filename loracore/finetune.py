@@ -7,12 +7,14 @@
 (Under torchrun, write the rank as ``--rank``: torchrun's parser takes ``--r`` for one of its own.)
 
 One optimizer step takes a *global batch* of ``--batch-size`` examples (``--grad-accum`` times
-over). Under ``torchrun`` every process takes its own rows of each global batch, and PyTorch's
+over) and is :func:`loracore.train.train_step`, the step of ``loracore.train.train``. Under
+``torchrun`` every process takes its own rows of each global batch, and PyTorch's
 DistributedDataParallel adds up the gradients of the trainable parameters, which after
 ``inject`` are only the adapter's. Each process scales its summed loss by
 ``world_size / answer tokens in the whole step``; DDP averages over the processes, so the
 gradient is the single-process gradient of the global batch. That is why one process and N
-give the same adapter (up to float rounding of the sums).
+give the same adapter (up to float rounding of the sums). What is this module's own: the
+processes, the data order, checkpoints and the command line.
 
 The data order is a function of ``--seed`` only (a seeded permutation per epoch), so a
 checkpoint needs to remember just where the stream stands. Checkpoints (``--save-every``) are
@@ -28,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from loracore.argtypes import positive_float, positive_int
 from loracore.atomic import atomic_write_text, sha256_file
 from loracore.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from loracore.data import DataError, collate, load_chat_jsonl, pad_token_id, tokenize_chat
-from loracore.train import causal_lm_loss, lr_schedule
+from loracore.train import lr_schedule, train_step
 
 ARGS_NAME, HISTORY_NAME, CHECKPOINT_NAME = "training_args.json", "history.json", "checkpoint"
 #: What a run's result depends on: a --resume must agree on every one of these.
@@ -225,11 +226,6 @@ class DataStream:
         return [self._example(p) for p in range(start, start + size)]
 
 
-def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the loss counts: labelled positions after the one-token shift."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 # ---- the run ------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as ``args`` say; returns the history (also written to ``--out``)."""
@@ -282,30 +278,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model.train()
     for step in bar:
-        # Every process collates the whole global batch (the same padding everywhere), counts
-        # its answer tokens, then keeps its own rows.
+        # Every process collates the whole global batch (the same padding everywhere), then
+        # keeps its own rows; the step counts the answer tokens of all processes' rows.
         micro = [collate(stream.batch((step * args.grad_accum + k) * args.batch_size,
                                       args.batch_size), pad_id) for k in range(args.grad_accum)]
-        total_tokens = sum(_answer_tokens(b) for b in micro)
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(micro):
-            mine = {key: v[rank * rows:(rank + 1) * rows].to(device) for key, v in batch.items()}
-            last = k == args.grad_accum - 1
-            with (ddp.no_sync() if world > 1 and not last else nullcontext()):
-                logits = ddp(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
-                loss_sum = causal_lm_loss(logits, mine["labels"], reduction="sum") \
-                    if _answer_tokens(mine) else logits.sum() * 0.0
-                (loss_sum * (world / total_tokens)).backward()
-            step_loss += loss_sum.detach().double().cpu()
-            history["tokens"] += int(batch["attention_mask"].sum())  # the global batch's
-        if world > 1:
-            dist.all_reduce(step_loss)
-        torch.nn.utils.clip_grad_norm_(list(named.values()), args.max_grad_norm)
-        history["lr"].append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        history["loss"].append(float(step_loss) / total_tokens)
+        mine = [{key: v[rank * rows:(rank + 1) * rows].to(device) for key, v in batch.items()}
+                for batch in micro]
+        loss, lr = train_step(ddp, mine, optimizer, scheduler, max_grad_norm=args.max_grad_norm,
+                              where=f"finetune: step {step}")
+        history["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)  # global batches'
+        history["lr"].append(lr)
+        history["loss"].append(loss)
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         done = step + 1
         if eval_batches is not None and args.eval_every and done % args.eval_every == 0 and done < args.steps:
