@@ -243,13 +243,14 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]
     if not params:
         raise ValueError(f"{where}: the model has no trainable parameters (did you inject LoRA?)")
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    world = dist.get_world_size() if ddp else 1
+    group = model.process_group if ddp else None  # the processes DDP averages over
+    world = dist.get_world_size(group) if ddp else 1
     device = params[0].device
     counts = [count_answer_tokens(b["labels"]) for b in micro_batches]
     total = sum(counts)
     if ddp:  # the answer tokens of every process's rows
         total_t = torch.tensor(total, device=device)
-        dist.all_reduce(total_t)
+        dist.all_reduce(total_t, group=group)
         total = int(total_t)
     if total == 0:
         raise ValueError(f"{where}: no labelled token in its {len(micro_batches)} "
@@ -279,7 +280,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]
         raise
     if ddp:
         loss_t = torch.tensor(step_loss, dtype=torch.float64, device=device)
-        dist.all_reduce(loss_t)
+        dist.all_reduce(loss_t, group=group)
         step_loss = float(loss_t)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
