@@ -209,7 +209,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]
                optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
                max_grad_norm: float | None = 1.0, where: str = "train_step") -> StepResult:
-    """One optimizer step on ``micro_batches``, weighted by answer tokens (the module docstring).
+    """One optimizer step on ``micro_batches``, weighted by answer tokens (see the module docstring).
 
     Args:
         model: a causal LM called as ``model(input_ids=..., attention_mask=...)`` returning
@@ -226,7 +226,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]
     process under DDP), so the step equals one batch of their union. A micro-batch without
     answer tokens contributes zero: it is skipped, except under DDP, where every process runs
     it with a zero loss, because each must join every gradient all-reduce. A step without
-    any answer token raises ``ValueError`` before touching the model.
+    any answer token raises ``ValueError``, and a malformed batch
+    :class:`~loracore.data.DataError`, before anything changes.
 
     Returns ``StepResult(loss, lr)``. The gradients are zeroed (set to None) after the step;
     if a forward or backward fails, they are put back as they were and nothing has changed.
@@ -235,6 +236,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]
             or not micro_batches:
         raise ValueError(f"{where}: micro_batches must be a non-empty list of batches, got "
                          f"{type(micro_batches).__name__}")
+    for i, batch in enumerate(micro_batches):
+        check_batch(batch, f"{where}, micro-batch {i}")
     if max_grad_norm is not None:
         # clip_grad_norm_ with a negative norm flips the gradient: the step would ascend.
         _check_real(max_grad_norm, "max_grad_norm", f"{where} (None skips clipping)",

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from loracore import finetune
-from loracore.data import IGNORE_INDEX, collate, load_sft_dataset, pad_token_id
+from loracore.data import IGNORE_INDEX, DataError, collate, load_sft_dataset, pad_token_id
 from loracore.lora import inject
 from loracore.models import load_base_model
 from loracore.train import StepResult, count_answer_tokens, lr_schedule, train, train_step
@@ -237,6 +237,21 @@ def test_bad_micro_batches_are_refused(batches, micro, message):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(ValueError, match=message):
         train_step(model, batches[0] if micro == "batch" else micro, opt)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"input_ids": torch.ones(1, 3, dtype=torch.long)}, r"train_step, micro-batch 1: the batch has no "
+                                                      r"'attention_mask', 'labels'"),
+    ([1, 2], r"train_step, micro-batch 1: a batch must be a dict"),
+])
+def test_a_malformed_micro_batch_is_refused_before_anything_runs(batches, bad, message):
+    model = lora_model()
+    before = trainable(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(DataError, match=message):
+        train_step(model, [batches[0], bad], opt)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
 
 
 @pytest.mark.parametrize("norm", [0.0, -1.0, float("nan"), float("inf"), True])
