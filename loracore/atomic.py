@@ -1,7 +1,8 @@
 """Crash-safe writes: a file or a whole folder is replaced completely or not at all.
 
-Used for adapter folders (:func:`loracore.adapters.save_adapter`) and training checkpoints
-(:mod:`loracore.checkpoint`). A folder ``F`` is replaced in five moves:
+Used for adapter folders (:func:`loracore.adapters.save_adapter`), training checkpoints
+(:mod:`loracore.checkpoint`) and the converted-model cache (:mod:`loracore.model_cache`);
+:func:`sha256_file` checks what was written. A folder ``F`` is replaced in five moves:
 
 1. write the new files into a hidden sibling ``.F.loracore-tmp-<id>`` and sync them;
 2. rename it to ``.F.loracore-new-<id>``: from now on it is known to be complete;
@@ -12,12 +13,13 @@ Used for adapter folders (:func:`loracore.adapters.save_adapter`) and training c
 Whatever moment a crash or SIGKILL hits, ``F`` or one of the hidden siblings holds a complete
 folder, and :func:`recover` knows which: if ``F`` is missing, the complete new one (else the old
 one) takes its place, and every leftover is removed. Entries of the old folder that the new write
-does not replace carry over (as hard links), so a user's own files in ``F`` are kept.
-One writer per folder at a time.
+does not replace carry over (as hard links), so a user's own files in ``F`` are kept (unless
+``keep_others=False``). One writer per folder at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_folder", "recover", "atomic_write_text", "STAGES"]
+__all__ = ["write_folder", "recover", "atomic_write_text", "sha256_file", "STAGES"]
 
 #: The moments of :func:`write_folder` at which :func:`_stage` is called (the crash tests kill there).
 STAGES = ("new-complete", "old-aside", "new-in-place")
@@ -58,6 +60,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits; read in 4 MiB chunks, so a large
+    file (a model's weights) never sits in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _leftovers(folder: Path) -> dict[str, list[Path]]:
@@ -95,9 +107,14 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def write_folder(folder: Path, write_files: Callable[[Path], None]) -> None:
+def write_folder(folder: Path, write_files: Callable[[Path], None], *,
+                 keep_others: bool = True) -> None:
     """Replace ``folder`` by a new one whose files ``write_files(tmp)`` writes, atomically as
-    seen by a reader (see the module docstring). Finishes an earlier interrupted write first."""
+    seen by a reader (see the module docstring). Finishes an earlier interrupted write first.
+
+    ``keep_others``: carry over the old folder's entries that the new write does not replace
+    (a user's own files); ``False`` makes the new folder hold exactly what was written (a
+    cache that must not mix two builds)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover(folder)
     token = uuid.uuid4().hex
@@ -110,7 +127,7 @@ def write_folder(folder: Path, write_files: Callable[[Path], None]) -> None:
         written = [p for p in tmp.iterdir() if p.is_file()]
         if folder.exists():
             os.chmod(tmp, stat.S_IMODE(folder.stat().st_mode))
-            for entry in folder.iterdir():
+            for entry in (folder.iterdir() if keep_others else ()):
                 if (tmp / entry.name).exists():
                     continue  # replaced by the new write
                 if entry.is_dir() and not entry.is_symlink():

@@ -15,19 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+from loracore.argtypes import positive_float, positive_int
 
 
 def add_grade(subparsers: argparse._SubParsersAction) -> None:
@@ -46,11 +34,11 @@ def add_grade(subparsers: argparse._SubParsersAction) -> None:
                         "as .md and the chart as .png")
     p.add_argument("--feedback", type=Path, metavar="DIR",
                    help="write one Markdown file per learner here")
-    p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="time limit per notebook, kernel start included (default 600)")
-    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="notebooks graded at once, each in its own process (default 1)")
-    p.add_argument("--memory", type=_positive_int, default=6144, metavar="MB",
+    p.add_argument("--memory", type=positive_int, default=6144, metavar="MB",
                    help="memory limit of each notebook's kernel, in MB (default 6144)")
     p.add_argument("--labs", type=Path, default=None, metavar="DIR",
                    help="where the course's lab notebooks are (default: the course's labs/)")

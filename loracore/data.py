@@ -63,8 +63,11 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _check_count(value: Any, name: str, where: str) -> None:
-    """``value`` must be a positive int (a bool, a float or 0 is refused)."""
+def check_count(value: Any, name: str, where: str) -> None:
+    """``value`` must be a positive int (a bool, a float or 0 is refused): raises
+    :class:`DataError` ``"{where}: {name} must be a positive integer, got {value!r}"``.
+    Used for the pipeline's sizes (limit, max_length, batch_size) and by
+    :mod:`loracore.evaluate`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DataError(f"{where}: {name} must be a positive integer, got {value!r}")
 
@@ -101,7 +104,7 @@ def load_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Dataset:
     first line is accepted.
     """
     if limit is not None:
-        _check_count(limit, "limit", "load_chat_jsonl")
+        check_count(limit, "limit", "load_chat_jsonl")
     path = Path(path)
     if path.is_dir():
         raise DataError(f"load_chat_jsonl: {path} is a folder; pass the .jsonl file inside it")
@@ -192,7 +195,7 @@ def tokenize_chat(dataset: Dataset, tokenizer: Any, *, max_length: int = 64,
     """
     if on_too_long not in ("error", "skip"):
         raise ValueError(f"tokenize_chat: on_too_long must be 'error' or 'skip', got {on_too_long!r}")
-    _check_count(max_length, "max_length", "tokenize_chat")
+    check_count(max_length, "max_length", "tokenize_chat")
     if len(dataset) == 0:
         raise DataError("tokenize_chat: the dataset is empty")
     sources = dataset["source"] if "source" in dataset.column_names else \
@@ -278,7 +281,7 @@ def make_dataloader(dataset: Dataset, tokenizer: Any, *, batch_size: int = 8,
                     shuffle: bool = True, seed: int = 0) -> DataLoader:
     """Batches of :func:`collate` over a tokenized dataset, shuffled by a seeded generator
     (the same seed gives the same batches in the same order, epoch after epoch)."""
-    _check_count(batch_size, "batch_size", "make_dataloader")
+    check_count(batch_size, "batch_size", "make_dataloader")
     if len(dataset) == 0:
         raise DataError("make_dataloader: the dataset is empty")
     if "input_ids" not in dataset.column_names:

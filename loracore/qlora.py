@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from loracore.layer import register_linear_type
-from loracore.nf4 import NF4Tensor, _check_blocksize, dequantize_nf4, quantize_nf4
+from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from loracore.nf4 import check_blocksize as _check_blocksize  # public in nf4; the body keeps its name
 from loracore.surgery import lora_layers
 from loracore.surgery import _replace as _swap, all_or_nothing  # _swap: a test makes it fail
 

@@ -1,4 +1,9 @@
-"""8-bit blockwise quantization of optimizer state, byte for byte as bitsandbytes does it.
+"""8-bit blockwise quantization, byte for byte as bitsandbytes does it: the ground floor of
+the quantizers.
+
+Two users: the 8-bit optimizer state of :mod:`loracore.optim` and NF4's double quantization
+(the absmax constants, :mod:`loracore.nf4`). Both, and the 4-bit NF4 code itself, pick the
+nearest entry of a code book with :func:`nearest_code_index`.
 
 Adam keeps two numbers per parameter. 8-bit optimizers (Dettmers et al. 2021, arXiv 2110.02861)
 store each as one byte: the state is cut into blocks of 256 values, each block is divided by its
@@ -14,7 +19,8 @@ so the unsigned code spends all 256 entries on ``[0, 1]``.
 (The signed code's most negative value is -0.993, not -1: it has 1 but no -1.)
 
 Bytes equal ``bitsandbytes.functional.quantize_blockwise(x, code=create_dynamic_map(signed),
-blocksize=256)`` (checked in ``tests/test_optim.py``).
+blocksize=256)`` (checked in ``tests/test_optim.py``, and for NF4's absmax constants in
+``tests/test_nf4.py``).
 """
 
 from __future__ import annotations
@@ -23,16 +29,34 @@ import functools
 
 import torch
 
-from loracore.nf4 import nearest_code_index
+__all__ = ["BLOCKSIZE", "nearest_code_index", "dynamic_map", "quantize_blockwise",
+           "dequantize_blockwise"]
 
 #: Elements per block, as bitsandbytes' 8-bit optimizers use since 0.44.
 BLOCKSIZE = 256
 
-#: bitsandbytes' CPU kernel snaps each scaled value to the nearest of 65,536 evenly spaced
-#: points on [-1, 1] and reads that point's nearest code from a table (see ``loracore.nf4``):
-#: a value very close to the midpoint of two codes can take the farther one, and 0 itself
-#: lands on the grid point just above 0. For identical bytes we snap the same way.
+#: bitsandbytes' CPU kernel does not search the 256 codes for every value: it first snaps the
+#: scaled value to the nearest of 65,536 evenly spaced points on [-1, 1], then reads that
+#: point's nearest code from a table. A value within 1/65535 of the midpoint of two codes can
+#: therefore take the farther one, and 0 itself lands on the grid point just above 0. For
+#: identical bytes we snap the same way.
 _GRID_POINTS = 65536
+
+
+def nearest_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest ``code`` value for each element of ``x``; ties go to the lower code.
+
+    x: any shape, float32, values in ``[-1, 1]``; code: ``(k,)`` sorted. Returns int32 of
+    ``x``'s shape (half the memory traffic of int64 on a large weight). The decision
+    boundaries are the float32 midpoints between neighbouring codes, and a value exactly on a
+    midpoint takes the lower code (``bucketize``'s default, and what bitsandbytes does: this
+    rule decides the bytes on ties).
+
+    >>> nearest_code_index(torch.tensor([-0.9, 0.2, 0.25, 0.3]), torch.tensor([-1.0, 0.0, 0.5]))
+    tensor([0, 1, 1, 2], dtype=torch.int32)
+    """
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(x, midpoints, out_int32=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,12 +2,15 @@
 
 Nothing here is specific to LoRA: :func:`train` updates whatever parameters have
 ``requires_grad=True``. After ``loracore.lora.inject`` that is only the ``lora_A`` / ``lora_B``
-matrices, so the same loop fine-tunes an adapter. One optimizer step is:
+matrices, so the same loop fine-tunes an adapter. One optimizer step (:func:`train_step`, also
+the step of ``loracore finetune``) is:
 
-1. take ``grad_accum_steps`` micro-batches and count their answer tokens; for each one:
-   forward, *summed* loss on its answer tokens (:func:`causal_lm_loss`), divided by the
-   answer tokens of all of them, backward (gradients add up). The step then sees exactly the
-   mean loss of one batch made of all the micro-batches, however their answers' lengths differ;
+1. take ``grad_accum_steps`` micro-batches and count their answer tokens
+   (:func:`count_answer_tokens`); for each one: forward, *summed* loss on its answer tokens
+   (:func:`causal_lm_loss`), divided by the answer tokens of all of them, backward (gradients
+   add up). The step then sees exactly the mean loss of one batch made of all the
+   micro-batches, however their answers' lengths differ. A micro-batch without answer tokens
+   adds nothing (no loss, no gradient, no count);
 2. clip the gradient norm to ``max_grad_norm``;
 3. ``optimizer.step()``, then the learning-rate schedule's step, then zero the gradients.
 
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -43,10 +48,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                          f"labels {tuple(labels.shape)} in (batch, seq)")
     shift_logits = logits[:, :-1, :].float()  # float32 for the softmax even under bf16
     shift_labels = labels[:, 1:]
-    if not (shift_labels != IGNORE_INDEX).any():
+    if count_answer_tokens(labels) == 0:
         raise ValueError("causal_lm_loss: no labelled token in this batch (all labels are -100)")
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                            shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def count_answer_tokens(labels: torch.Tensor) -> int:
+    """How many tokens :func:`causal_lm_loss` scores in ``labels: (batch, seq)``.
+
+    The labelled positions (not :data:`~loracore.data.IGNORE_INDEX`) after the one-token
+    shift: position 0 is never predicted, so a label there counts for nothing.
+    ``[[-100, -100, 7, 8]]`` -> 2; ``[[5, -100, -100]]`` -> 0.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"count_answer_tokens: labels must be a (batch, seq) tensor, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _check_int(value: Any, name: str, where: str, minimum: int | None) -> None:
@@ -180,6 +198,103 @@ def _forever(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, t
             raise ValueError("train: the batches are empty (an empty dataset?)")
 
 
+class StepResult(NamedTuple):
+    """What one :func:`train_step` measured."""
+
+    loss: float  #: mean loss per answer token of all the micro-batches (of all processes)
+    lr: float    #: the learning rate of the first parameter group, used by this step
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
+               optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+               max_grad_norm: float | None = 1.0, where: str = "train_step") -> StepResult:
+    """One optimizer step on ``micro_batches``, weighted by answer tokens (see the module docstring).
+
+    Args:
+        model: a causal LM called as ``model(input_ids=..., attention_mask=...)`` returning
+            ``.logits: (batch, seq, vocab)``, or its ``DistributedDataParallel`` wrapper.
+        micro_batches: dicts with ``input_ids``, ``attention_mask`` and ``labels``, each
+            ``(batch, seq)`` (the batch size may differ between them), on the model's device.
+            Under DDP each process passes its own rows of every micro-batch.
+        optimizer, scheduler: stepped once each (``scheduler`` may be None).
+        max_grad_norm: clip the global norm of the trainable parameters' gradient to this
+            (finite, > 0); None skips clipping.
+        where: prefix of the error messages (e.g. ``"train: step 3"``).
+
+    Each micro-batch's summed loss is divided by the answer tokens of all of them (of every
+    process under DDP), so the step equals one batch of their union. A micro-batch without
+    answer tokens contributes zero: it is skipped, except under DDP, where every process runs
+    it with a zero loss, because each must join every gradient all-reduce. A step without
+    any answer token raises ``ValueError``, and a malformed batch
+    :class:`~loracore.data.DataError`, before anything changes.
+
+    Returns ``StepResult(loss, lr)``. The gradients are zeroed (set to None) after the step;
+    if a forward or backward fails, they are put back as they were and nothing has changed.
+    """
+    if isinstance(micro_batches, dict) or not isinstance(micro_batches, Sequence) \
+            or not micro_batches:
+        raise ValueError(f"{where}: micro_batches must be a non-empty list of batches, got "
+                         f"{type(micro_batches).__name__}")
+    for i, batch in enumerate(micro_batches):
+        check_batch(batch, f"{where}, micro-batch {i}")
+    if max_grad_norm is not None:
+        # clip_grad_norm_ with a negative norm flips the gradient: the step would ascend.
+        _check_real(max_grad_norm, "max_grad_norm", f"{where} (None skips clipping)",
+                    positive=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{where}: the model has no trainable parameters (did you inject LoRA?)")
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    group = model.process_group if ddp else None  # the processes DDP averages over
+    world = dist.get_world_size(group) if ddp else 1
+    device = params[0].device
+    counts = [count_answer_tokens(b["labels"]) for b in micro_batches]
+    total = sum(counts)
+    if ddp:  # the answer tokens of every process's rows
+        total_t = torch.tensor(total, device=device)
+        dist.all_reduce(total_t, group=group)
+        total = int(total_t)
+    if total == 0:
+        raise ValueError(f"{where}: no labelled token in its {len(micro_batches)} "
+                         f"micro-batch(es) (all labels are -100)")
+    saved = {p: p.grad.clone() for p in params if p.grad is not None}  # usually none
+    step_loss = 0.0
+    try:
+        for i, (batch, count) in enumerate(zip(micro_batches, counts)):
+            if count == 0 and not ddp:
+                continue  # adds nothing to the union's loss or gradient
+            last = i == len(micro_batches) - 1
+            # DDP adds up the gradients of all processes in the backward of the last micro-batch
+            with (model.no_sync() if ddp and not last else nullcontext()):
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+                if count:
+                    loss = causal_lm_loss(logits, batch["labels"], reduction="sum") / total
+                else:  # zero, but through the graph, so DDP's gradient hooks still fire
+                    loss = logits.sum() * 0.0
+                # DDP averages the processes' gradients; times world_size makes that their sum
+                (loss * world if world > 1 else loss).backward()
+            if count:
+                step_loss += loss.item()
+    except BaseException:
+        for p in params:
+            p.grad = saved.get(p)
+        raise
+    if ddp:
+        loss_t = torch.tensor(step_loss, dtype=torch.float64, device=device)
+        dist.all_reduce(loss_t, group=group)
+        step_loss = float(loss_t)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, lr)
+
+
 def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_steps: int,
           lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
           weight_decay: float = 0.0, loraplus_lr_ratio: float | None = None,
@@ -256,29 +371,12 @@ def train(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, num_s
                 check_batch(batch, f"train: step {step}, micro-batch {i}")
                 micro.append({k: v.to(device) for k, v in batch.items()
                               if isinstance(v, torch.Tensor)})
-            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
-            total = sum(counts)
-            if total == 0:
-                raise ValueError(f"train: step {step}: no labelled token in its "
-                                 f"{grad_accum_steps} micro-batch(es) (all labels are -100)")
-            step_loss = 0.0
-            for batch, count in zip(micro, counts):
-                result.tokens += int(batch["attention_mask"].sum())
-                if count == 0:  # adds nothing to the union's loss or gradient
-                    continue
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
-                loss = causal_lm_loss(logits, batch["labels"], reduction="sum") / total
-                loss.backward()  # gradients accumulate in .grad across micro-batches
-                step_loss += loss.item()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            result.lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
+            result.tokens += sum(int(b["attention_mask"].sum()) for b in micro)
+            loss, lr = train_step(model, micro, optimizer, scheduler, max_grad_norm=max_grad_norm,
+                                  where=f"train: step {step}")
+            result.lrs.append(lr)
+            result.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}")
     finally:
         model.eval()
         result.seconds = time.perf_counter() - start
