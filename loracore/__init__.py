@@ -4,12 +4,13 @@ The modules in the order the course teaches them (the lesson that meets each, in
 
 - ``notebook``: the short mode, seeding and timing that every notebook uses [00];
 - ``env``: the environment check lesson 00 runs, one OK or FAIL per package [00];
-- ``models``: which base model, loaded offline, and the tiny test model [00] (the offline
-  model cache they load from is built by its own module beside it);
+- ``models``: which base model, on which device, and the tiny test model [00];
+- ``model_cache``: the offline model converted once to a safetensors cache, crash-safe [00];
 - ``layer``: the LoRA layer ``LoRALinear`` and its math as pure functions [01-02];
 - ``surgery``: LoRA layers put into a whole model, and the operations on all of them [03];
 - ``lora``: ``layer`` and ``surgery`` in one import [01-03];
-- ``adapters``: adapter files in PEFT's format, read, saved and loaded [03];
+- ``adapter_file``: the adapter file format (PEFT's) and its pure, checking reader [03];
+- ``adapters``: adapters saved, and loaded into a model (read, check the base, apply) [03];
 - ``fingerprint``: the base model an adapter belongs to, and mismatches on load [03];
 - ``data``: chat-format JSONL to padded training batches [04];
 - ``train``: the training loop and its one step; LoRA+ parameter groups [04];
@@ -33,6 +34,7 @@ Around the lessons:
 - ``grade``: ``loracore grade``, learners' lab notebooks graded in bulk, sandboxed;
 - ``cli`` and ``__main__``: the ``loracore`` command and its subcommands;
 - ``atomic``: crash-safe writes, a file or a folder replaced completely or not at all;
+- ``argtypes``: the command line's positive numbers (finite, above zero);
 - ``bench``: medians of repeated timings, one JSON result per benchmark;
 - ``extras``: the pip extra each optional command needs (``serve``, ``grade``);
 - ``_quiet``: silences one offline log notice of bitsandbytes; installed on import.

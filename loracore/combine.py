@@ -29,7 +29,7 @@ from torch import nn
 
 from loracore import merge as M
 from loracore.fingerprint import foreign_adapters
-from loracore.layer import LoRALinear
+from loracore.layer import LoRALinear, check_adapter_name
 from loracore.surgery import all_or_nothing, lora_layers
 
 __all__ = ["combine_adapters", "combined_delta", "refactorize", "refactorize_sum",
@@ -163,13 +163,11 @@ def _validate(model: nn.Module, adapters: Sequence[str], weights: Sequence[float
                 raise ValueError(f"{where}: combination_type={combination_type!r} needs a density in "
                                  f"(0, 1] (the fraction of entries kept; DARE's paper drops 90%: 0.1)")
             density = DEFAULT_DENSITY[combination_type]
-        M._check_density(density, where)
+        M.check_density(density, where)
     if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool)
                                  or svd_rank <= 0):
         raise ValueError(f"{where}: svd_rank must be a positive int or None, got {svd_rank!r}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"{where}: adapter_name must be a non-empty string without dots, "
-                         f"got {adapter_name!r}")
+    check_adapter_name(where, adapter_name)
 
     layers = lora_layers(model)
     known = sorted({a for layer in layers.values() for a in layer.lora_A})

@@ -31,14 +31,15 @@ import torch
 __all__ = [
     "prune", "magnitude_prune_tensor", "random_prune_tensor", "calculate_majority_sign_mask",
     "disjoint_merge", "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties",
-    "SIGN_METHODS",
+    "SIGN_METHODS", "check_density",
 ]
 
 SIGN_METHODS = ("total", "frequency")
 Weights = torch.Tensor | Sequence[float]
 
 
-def _check_density(density: float, where: str) -> None:
+def check_density(density: float, where: str) -> None:
+    """Refuse a density outside (0, 1] (the fraction of entries kept), naming ``where``."""
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0 < density <= 1):
         raise ValueError(f"{where}: density is the fraction of entries to keep and must be in (0, 1], "
                          f"got {density!r} (1 keeps everything; TIES' paper keeps 0.2)")
@@ -52,7 +53,7 @@ def magnitude_prune_tensor(tensor: torch.Tensor, density: float) -> torch.Tensor
     >>> magnitude_prune_tensor(torch.tensor([0.5, -2.0, 1.0, -0.1]), 0.5)
     tensor([ 0., -2.,  1., -0.])
     """
-    _check_density(density, "magnitude_prune_tensor")
+    check_density(density, "magnitude_prune_tensor")
     keep = int(density * tensor.numel())
     mask = torch.zeros_like(tensor).reshape(-1)
     # topk breaks ties between equal magnitudes the same way as PEFT's, so the kept set agrees
@@ -73,7 +74,7 @@ def random_prune_tensor(tensor: torch.Tensor, density: float, rescale: bool = Tr
     >>> random_prune_tensor(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.5, generator=g)
     tensor([2., 0., 6., 8.])
     """
-    _check_density(density, "random_prune_tensor")
+    check_density(density, "random_prune_tensor")
     keep = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
     pruned = tensor * keep
     return pruned / density if rescale else pruned
@@ -85,7 +86,7 @@ def prune(tensor: torch.Tensor, density: float, method: Literal["magnitude", "ra
     trim) or a random draw (``"random"``, DARE's drop, divided by ``density`` when
     ``rescale``). ``density == 1`` returns ``tensor`` itself and draws nothing.
     tensor: any shape -> same shape."""
-    _check_density(density, "prune")
+    check_density(density, "prune")
     if method not in ("magnitude", "random"):
         raise ValueError(f"prune: method must be 'magnitude' or 'random', got {method!r}")
     if density == 1:
@@ -171,7 +172,7 @@ def magnitude_prune(task_tensors: Sequence[torch.Tensor], weights: Weights, dens
                     ) -> torch.Tensor:
     """Trim each task tensor to its top ``density`` by magnitude, then the weighted sum.
     task_tensors: n tensors of shape S; weights: ``(n,)`` -> S."""
-    _check_density(density, "magnitude_prune")
+    check_density(density, "magnitude_prune")
     trimmed = [prune(t, density, "magnitude") for t in task_tensors]
     stacked, w = _stack(trimmed, weights, "magnitude_prune")
     return (stacked * w).sum(dim=0)
@@ -191,7 +192,7 @@ def ties(task_tensors: Sequence[torch.Tensor], weights: Weights, density: float,
     (trim keeps 2 of 3 in each: ``[4, 0, -3]`` and ``[-2, 1, 0]``; elect ``[+, +, -]``; the
     mean over agreeing tasks keeps 4 whole instead of averaging it with -2.)
     """
-    _check_density(density, "ties")
+    check_density(density, "ties")
     trimmed = [prune(t, density, "magnitude") for t in task_tensors]
     stacked, w = _stack(trimmed, weights, "ties")
     mask = calculate_majority_sign_mask(stacked, majority_sign_method)
@@ -204,7 +205,7 @@ def dare_linear(task_tensors: Sequence[torch.Tensor], weights: Weights, density:
     ``1 - density``, rescale the survivors by ``1 / density``, then the weighted sum.
     task_tensors: n tensors of shape S; weights: ``(n,)`` -> S. Random: the masks are drawn
     in task order from ``generator`` (default: torch's global generator, as PEFT)."""
-    _check_density(density, "dare_linear")
+    check_density(density, "dare_linear")
     dropped = [prune(t, density, "random", rescale=True, generator=generator) for t in task_tensors]
     stacked, w = _stack(dropped, weights, "dare_linear")
     return (stacked * w).sum(dim=0)
@@ -215,7 +216,7 @@ def dare_ties(task_tensors: Sequence[torch.Tensor], weights: Weights, density: f
               generator: torch.Generator | None = None) -> torch.Tensor:
     """DARE's drop and rescale, then TIES' elect and disjoint mean.
     task_tensors: n tensors of shape S; weights: ``(n,)`` -> S. Random, as :func:`dare_linear`."""
-    _check_density(density, "dare_ties")
+    check_density(density, "dare_ties")
     dropped = [prune(t, density, "random", rescale=True, generator=generator) for t in task_tensors]
     stacked, w = _stack(dropped, weights, "dare_ties")
     mask = calculate_majority_sign_mask(stacked, majority_sign_method)

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from loracore.layer import register_linear_type
-from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from loracore.nf4 import check_blocksize as _check_blocksize  # public in nf4; the body keeps its name
-from loracore.surgery import lora_layers
-from loracore.surgery import _replace as _swap, all_or_nothing  # _swap: a test makes it fail
+from loracore.nf4 import NF4Tensor, check_blocksize, dequantize_nf4, quantize_nf4
+from loracore.surgery import all_or_nothing, lora_layers
+from loracore.surgery import replace_module as _swap  # a module-level name a test can make fail
 
 __all__ = ["Linear4bit", "quantize_model", "model_bytes"]
 
@@ -215,7 +214,7 @@ def quantize_model(model: nn.Module, skip: str | Iterable[str] = _DEFAULT_SKIP, 
         raise ValueError(f"quantize_model: {type(model).__name__} already has LoRA layers; "
                          f"quantize the base model first, then inject() the adapters")
     names = _skip_names(skip)
-    _check_blocksize(blocksize, "quantize_model")
+    check_blocksize(blocksize, "quantize_model")
     if not isinstance(double_quant, bool):
         raise TypeError(f"quantize_model: double_quant must be True or False, got {double_quant!r}")
     if compute_dtype is not None:

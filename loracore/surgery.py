@@ -26,7 +26,7 @@ from loracore.layer import LoRALinear, check_adapter_args, is_float_linear, is_l
 __all__ = [
     "inject", "inject_modules", "lora_layers", "linear_layer_names", "trainable_parameters", "set_adapter",
     "disable_adapters", "merge_adapters", "unmerge_adapters", "delete_adapter", "remove_lora",
-    "all_or_nothing",
+    "all_or_nothing", "replace_module",
 ]
 
 
@@ -245,13 +245,18 @@ def _wrap(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_d
     return model
 
 
-def _replace(root: nn.Module, name: str, child: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, child: nn.Module) -> None:
     """Put ``child`` where ``root``'s submodule ``name`` is (a full dotted name such as
     ``"model.layers.0.mlp.up_proj"``, or a direct child's name). The one place loracore swaps
-    a module (surgery here, quantization in :mod:`loracore.qlora`), so a test can make it fail."""
+    a module: surgery here, quantization in :mod:`loracore.qlora`."""
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, child)
+
+
+# surgery's own swaps go through this module-level name, so that a test can make the n-th one
+# fail and see the rollback.
+_replace = replace_module
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
