@@ -28,20 +28,37 @@ import torch
 from torch import nn
 
 from loracore.serve.decoder import CHUNK, Decoder, KVCache
-from loracore.serve.registry import (AdapterError, AdapterInfo, AdapterRegistry, NoFreeSlot,
-                                     UnknownAdapter)
+from loracore.serve.registry import AdapterInfo, AdapterRegistry, NoFreeSlot
 
-__all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK"]
+__all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK",
+           "MIN_TEMPERATURE", "MAX_TEMPERATURE"]
 
 
 class PromptTooLong(ValueError):
     """The prompt plus ``max_tokens`` does not fit the model's context."""
 
 
+#: The smallest temperature that samples; below it (0 excepted) parameters are refused. vLLM
+#: samples from the same floor (below 1e-5 it switches to greedy silently); refusing tells the
+#: client. Any temperature at or above it keeps ``logits / temperature`` finite in float64 for
+#: every finite float32 logit (|logit| <= 3.4e38 -> <= 3.4e43), so softmax is a distribution.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+
+
 @dataclass
 class SamplingParams:
-    """``temperature`` 0 means greedy; ``top_p`` keeps the smallest set of tokens whose
-    probability reaches it; ``seed`` makes sampling repeatable (None: a fresh random seed)."""
+    """How one request samples.
+
+    - ``temperature``: exactly 0 means greedy (argmax); otherwise it must lie in
+      [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] = [1e-5, 100]. A positive temperature
+      below 1e-5 (such as the subnormal 5e-324) would turn logits into inf and NaN: refused.
+    - ``top_p``: in (0, 1]; keeps the smallest set of tokens whose probability reaches it
+      (the smallest positive value keeps the top token alone).
+    - ``seed`` makes sampling repeatable (None: a fresh random seed).
+
+    NaN and infinity are refused for both (in JSON, 1e309 arrives as infinity).
+    """
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -49,21 +66,28 @@ class SamplingParams:
     ignore_eos: bool = False  # vLLM's extra parameter: always generate max_tokens (benchmarks)
 
     def check(self) -> None:
+        """Raise ``ValueError`` naming the first parameter that cannot produce a distribution."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
+        t, p = float(self.temperature), float(self.top_p)
+        if t != 0.0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:  # NaN fails every comparison
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                             f"{MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator) -> int:
     """One token id from logits ``(vocab,)``: argmax when ``temperature == 0``, else a draw
-    from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus."""
+    from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus.
+    Raises ``ValueError`` when the parameters (or the logits) give no distribution."""
     if temperature == 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # multinomial's own message names no cause
+        raise ValueError(f"sampling: temperature {temperature!r} and these logits give no "
+                         f"probability distribution (inf or NaN after logits / temperature)")
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True, stable=True)
         before = torch.cumsum(sorted_p, 0) - sorted_p       # mass of the tokens ahead of each
@@ -169,7 +193,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> Request:
         """Queue a request. Raises ``ValueError`` for bad parameters, :class:`PromptTooLong`,
-        :class:`UnknownAdapter` for an adapter name that is not loaded."""
+        :class:`~loracore.serve.registry.UnknownAdapter` for an adapter name that is not loaded."""
         params = params or SamplingParams()
         params.check()
         if not prompt_ids:
@@ -204,6 +228,11 @@ class Engine:
         self._thread.join(timeout=30)
 
     # ---- the loop -------------------------------------------------------------------------
+    # A request's error stays that request's: everything done for one request (admitting it,
+    # its prefill, which is its own forward pass, sampling, the stop checks) fails that request
+    # alone, and its batch-mates go on with exactly the tokens they would get alone (their
+    # caches and generators are their own). Only the shared decode forward pass, which no one
+    # request owns, fails every request in it.
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -219,32 +248,42 @@ class Engine:
                     if self._running:
                         self._decode_step()
                     for row in new:
-                        self._prefill(row)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                        self._isolated(row, self._prefill, row)
+            except Exception as e:  # noqa: BLE001 - a bug above: fail these requests, keep the loop
                 for row in self._running + new:
                     self._finish(row, None, e)
                 new = []
-            self._running += [r for r in new if not r.req.done]
+            self._running = [r for r in self._running + new if not r.req.done]
+
+    def _isolated(self, row: _Row, fn, *args) -> None:
+        """``fn(*args)`` for one request; an exception finishes that request with it, alone."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the request's client
+            self._finish(row, None, e)
 
     def _admit(self) -> list[_Row]:
         """Take waiting requests (oldest first) while there is room and an adapter slot."""
         new: list[_Row] = []
         keep: list[Request] = []
         for req in self._waiting:
+            if getattr(req, "_cancelled", False):  # its client left before it started
+                self._finish_req(req, "abort")
+                continue
             if len(self._running) + len(new) >= self.max_num_seqs:
                 keep.append(req)
                 continue
             info = None
-            if req.adapter is not None:
-                try:
+            try:
+                if req.adapter is not None:
                     info = self.registry.acquire(req.adapter_info)
-                except NoFreeSlot:
-                    keep.append(req)  # every slot is pinned by running requests: wait
-                    continue
-                except (UnknownAdapter, AdapterError) as e:
-                    self._finish_req(req, None, e)
-                    continue
-            new.append(_Row(req, info, self.eos))
+                new.append(_Row(req, info, self.eos))
+            except NoFreeSlot:
+                keep.append(req)  # every slot is pinned by running requests: wait
+            except Exception as e:  # noqa: BLE001 - an unknown or broken adapter, or a bug: this request's
+                if info is not None:
+                    self.registry.release(info)
+                self._finish_req(req, None, e)
         self._waiting = keep
         return new
 
@@ -256,9 +295,11 @@ class Engine:
     def _finish(self, row: _Row, reason: str | None, error: BaseException | None = None) -> None:
         if row.req.done:
             return
-        if row.info is not None:
-            self.registry.release(row.info)
-        self._finish_req(row.req, reason, error)
+        try:
+            if row.info is not None:
+                self.registry.release(row.info)
+        finally:  # whatever the release does, the client hears of its request
+            self._finish_req(row.req, reason, error)
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
         p = row.req.params
@@ -280,7 +321,9 @@ class Engine:
         self._emit(row, logits)
 
     def _decode_step(self) -> None:
-        """Feed every running request's pending token; sample the next for each."""
+        """Feed every running request's pending token; sample the next for each. A failure of
+        the forward pass itself fails every request in it (the caller's handler): it belongs
+        to no one request, and their caches may be half-written. Sampling fails one request."""
         rows = list(self._running)
         ids = torch.tensor([r.pending for r in rows])
         slots = torch.tensor([r.slot for r in rows])
@@ -288,5 +331,5 @@ class Engine:
         self.steps += 1
         self.batch_sizes.append(len(rows))
         for i, row in enumerate(rows):
-            self._emit(row, logits[i])
+            self._isolated(row, self._emit, row, logits[i])
         self._running = [r for r in self._running if not r.req.done]

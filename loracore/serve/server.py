@@ -10,7 +10,14 @@ endpoints for adapters.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 404 for an
 unknown model or adapter, 400 for anything malformed or refused (a missing adapter path, an
-adapter for another base, a name already loaded, a prompt longer than the context).
+adapter for another base, a name already loaded, a prompt longer than the context, sampling
+parameters that give no distribution: ``temperature`` must be 0, greedy, or in [1e-5, 100];
+``top_p`` in (0, 1]; neither NaN nor infinite, and JSON's 1e309 is infinite).
+
+One request cannot fail another's: an error while a request runs (sampling, say) fails that
+request alone, with a 500 that names it (or an error event in its stream), and its batch-mates
+get exactly the tokens they would get alone. A client that hangs up, streamed or not, stops
+its request's generation within about :data:`DISCONNECT_POLL_S`.
 
 Each route is a module-level handler on :data:`router`; the state they share (the engine and
 the base's name) is a :class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
@@ -28,14 +35,15 @@ try:
     from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, field_validator
     from starlette.concurrency import run_in_threadpool
 except ImportError:
     from loracore.extras import require_extra
     require_extra("serve", "loracore.serve.server")  # names the extra when one is missing
     raise
 
-from loracore.serve.engine import Engine, PromptTooLong, Request, SamplingParams
+from loracore.serve.engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, PromptTooLong, Request,
+                                   SamplingParams)
 from loracore.serve.registry import AdapterError, UnknownAdapter
 
 __all__ = ["create_app", "router", "ServerState"]
@@ -57,13 +65,21 @@ def _error(status: int, message: str, type_: str, param: str | None = None,
 class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
     ignore_eos: bool = False  # vLLM's extra sampling parameter
+
+    @field_validator("temperature")
+    @classmethod
+    def _samples(cls, t: float) -> float:  # the engine's rule (SamplingParams.check), said early
+        if t != 0.0 and t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}: "
+                             f"a smaller one gives no probability distribution")
+        return t
 
 
 class CompletionRequest(_Sampling):
@@ -177,7 +193,7 @@ async def unload_lora(body: UnloadRequest, state: State) -> PlainTextResponse:
 
 # ---- generation -----------------------------------------------------------------------------
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: State):
+async def completions(body: CompletionRequest, state: State, http: HTTPRequest):
     tokenizer = state.engine.tokenizer
     if isinstance(body.prompt, str):
         prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
@@ -190,7 +206,7 @@ async def completions(body: CompletionRequest, state: State):
             return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
         return _streaming(state, req, chunk, body)
-    await _wait(req)
+    await _wait(req, http)
     return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
             "choices": [{"index": 0, "text": _decode(state, req.output_ids), "logprobs": None,
                          "finish_reason": req.finish_reason}],
@@ -198,7 +214,7 @@ async def completions(body: CompletionRequest, state: State):
 
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, state: State):
+async def chat(body: ChatRequest, state: State, http: HTTPRequest):
     tokenizer = state.engine.tokenizer
     messages = [m.model_dump() for m in body.messages]
     try:
@@ -218,7 +234,7 @@ async def chat(body: ChatRequest, state: State):
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return _streaming(state, req, chunk, body)
-    await _wait(req)
+    await _wait(req, http)
     message = {"role": "assistant", "content": _decode(state, req.output_ids)}
     return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
@@ -263,11 +279,23 @@ def _decode(state: ServerState, ids: list[int]) -> str:
     return state.engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-async def _wait(req: Request) -> None:
-    try:
-        await run_in_threadpool(req.result)
-    except Exception as e:  # noqa: BLE001
-        raise APIError(500, f"generation failed: {e}", "InternalServerError") from None
+#: How often a non-streamed request's wait looks whether its client is still there, seconds.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _wait(req: Request, http: HTTPRequest) -> None:
+    """Wait for ``req`` to finish; cancel it if the client hangs up meanwhile (a streamed request
+    is cancelled by Starlette closing its generator; a non-streamed one has nothing to close).
+
+    The wait runs in a worker thread ``DISCONNECT_POLL_S`` at a time, so a finished request is
+    answered at once and a client that left is noticed within about that long."""
+    while not await run_in_threadpool(req._done.wait, DISCONNECT_POLL_S):
+        if await http.is_disconnected():
+            req.cancel()
+            raise APIError(499, "the client closed the connection", "ClientClosedRequest")
+    if req.error is not None:
+        raise APIError(500, f"generation failed: {type(req.error).__name__}: {req.error}",
+                       "InternalServerError")
 
 
 Chunk = Callable[[str, str | None], dict]  # (new text, finish reason) -> one event's body
