@@ -292,3 +292,54 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_stops_its_generation(s
         assert req.finish_reason == "abort" and len(req.output_ids) < 250
     monkeypatch.undo()
     assert_alive(url, eng)
+
+
+# ---- other ways to try to take the server down ---------------------------------------------------
+@pytest.mark.parametrize("path, field, body", [
+    ("/v1/completions", "prompt", b'{"model": "tiny-qwen2", "prompt": "ab\\ud800cd", "max_tokens": 2}'),
+    ("/v1/chat/completions", "content", b'{"model": "tiny-qwen2", "max_tokens": 2,'
+                                        b' "messages": [{"role": "user", "content": "ab\\udfffcd"}]}'),
+    ("/v1/completions", "model", b'{"model": "a\\ud800", "prompt": "x", "max_tokens": 2}'),
+    ("/v1/load_lora_adapter", "lora_name", b'{"lora_name": "\\ud800", "lora_path": "/nowhere"}'),
+    ("/v1/unload_lora_adapter", "lora_name", b'{"lora_name": "\\ud800"}'),
+])
+def test_lone_surrogates_are_refused_with_400(served, path, field, body):
+    """JSON can carry ``\\ud800``, which no UTF-8 text holds: before, the tokenizer raised (500)
+    or the error itself could not be written (500, a traceback in the log)."""
+    url, eng = served
+    r = raw(url, path, body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"], r.text  # the field that holds it is named
+    assert requests.get(url + "/v1/models", timeout=10).status_code == 200
+    assert_alive(url, eng)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"model": "a", "seed": ' + b"9" * 5000 + b"}",
+                                  b"[" * 100_000 + b"]" * 100_000, b'{"model": "\xff\xfe"}'])
+def test_bodies_json_cannot_parse_get_an_openai_style_400(served, body):
+    url, eng = served
+    r = raw(url, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) >= {"message", "type", "code"}, r.text
+    assert_alive(url, eng)
+
+
+def test_a_huge_prompt_does_not_stall_other_clients(served):
+    """Tokenizing megabytes takes seconds: before, it ran in the server's event loop, and every
+    other client (even ``/health``) waited for it."""
+    url, eng = served
+    big = {"model": "tiny-qwen2", "prompt": "word " * 600_000, "max_tokens": 1}
+    with ThreadPoolExecutor(1) as pool:
+        start = time.monotonic()
+        future = pool.submit(post, url, "/v1/completions", big)
+        latencies = []
+        while not future.done() and len(latencies) < 200:
+            t = time.monotonic()
+            assert requests.get(url + "/health", timeout=30).status_code == 200
+            latencies.append(time.monotonic() - t)
+            time.sleep(0.05)
+        r = future.result()
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    if time.monotonic() - start < 1.0:
+        pytest.skip("the tokenizer was too fast here to show a stall")
+    assert max(latencies) < 1.0, f"/health waited {max(latencies):.1f} s behind a big prompt"

@@ -35,7 +35,8 @@ try:
     from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from pydantic import BaseModel, Field, field_validator
+    from starlette.exceptions import HTTPException
+    from pydantic import AfterValidator, BaseModel, Field, field_validator
     from starlette.concurrency import run_in_threadpool
 except ImportError:
     from loracore.extras import require_extra
@@ -58,12 +59,29 @@ class APIError(Exception):
 
 def _error(status: int, message: str, type_: str, param: str | None = None,
            code: str | None = None) -> JSONResponse:
+    # a message may quote the client's text, which may hold what UTF-8 cannot (\ud800)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": type_, "param": param,
                                    "code": code or status}}, status_code=status)
 
 
+def _unicode(text: str) -> str:
+    """Refuse a lone surrogate (JSON's ``"\ud800"``): it is no Unicode text; the tokenizer and
+    the response's UTF-8 would fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate ({text[e.start]!r} at {e.start}), which is not "
+                         f"valid Unicode text") from None
+    return text
+
+
+#: A string field that must be valid Unicode (no lone surrogates).
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Sampling(BaseModel):
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -83,13 +101,13 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    prompt: Text | list[int]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Sampling):
@@ -98,12 +116,12 @@ class ChatRequest(_Sampling):
 
 
 class LoadRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: Text = Field(min_length=1)
+    lora_path: Text = Field(min_length=1)
 
 
 class UnloadRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
+    lora_name: Text = Field(min_length=1)
 
 
 @dataclass
@@ -130,6 +148,7 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
     app.state.serving = ServerState(engine, base_name, int(time.time()))
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)  # a body JSON cannot parse; no such route
     app.add_exception_handler(Exception, _crash)
     app.include_router(router)
     return app
@@ -146,6 +165,15 @@ async def _invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{where or 'body'}: {err.get('msg')}")
     return _error(400, "invalid request: " + "; ".join(parts), "BadRequestError")
+
+
+async def _http_error(_: HTTPRequest, e: HTTPException) -> Response:
+    if e.status_code < 400:
+        return Response(status_code=e.status_code, headers=e.headers)
+    type_ = "NotFoundError" if e.status_code == 404 else "BadRequestError"
+    response = _error(e.status_code, f"invalid request: {e.detail}", type_)
+    response.headers.update(e.headers or {})  # 405's Allow
+    return response
 
 
 async def _crash(_: HTTPRequest, e: Exception) -> JSONResponse:  # never take the server down
@@ -194,9 +222,8 @@ async def unload_lora(body: UnloadRequest, state: State) -> PlainTextResponse:
 # ---- generation -----------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, state: State, http: HTTPRequest):
-    tokenizer = state.engine.tokenizer
     if isinstance(body.prompt, str):
-        prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = await _tokenize(state, body.prompt, "prompt")
     else:
         prompt_ids = list(body.prompt)
     req = _submit(state, body, prompt_ids, body.max_tokens)
@@ -215,13 +242,13 @@ async def completions(body: CompletionRequest, state: State, http: HTTPRequest):
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, state: State, http: HTTPRequest):
-    tokenizer = state.engine.tokenizer
     messages = [m.model_dump() for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = state.engine.tokenizer.apply_chat_template
+    try:  # in a worker thread, like the tokenizing: a long conversation takes a while
+        text = await run_in_threadpool(template, messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - a template that refuses the messages
         raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = await _tokenize(state, text, "messages")
     req = _submit(state, body, prompt_ids, body.max_completion_tokens or body.max_tokens)
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -240,6 +267,16 @@ async def chat(body: ChatRequest, state: State, http: HTTPRequest):
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": req.finish_reason}],
             "usage": _usage(req)}
+
+
+async def _tokenize(state: ServerState, text: str, param: str) -> list[int]:
+    """The token ids of ``text``, computed in a worker thread: megabytes of prompt take seconds,
+    and in the event loop they would stall every other client."""
+    tokenizer = state.engine.tokenizer
+    try:
+        return await run_in_threadpool(lambda: tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - text the tokenizer cannot take is the client's problem
+        raise APIError(400, f"the tokenizer refused this {param}: {type(e).__name__}: {e}", param=param) from None
 
 
 def _submit(state: ServerState, body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Request:
