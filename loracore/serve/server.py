@@ -43,9 +43,9 @@ except ImportError:
     require_extra("serve", "loracore.serve.server")  # names the extra when one is missing
     raise
 
-from loracore.serve.engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, PromptTooLong, Request,
-                                   SamplingParams)
+from loracore.serve.engine import Engine, PromptTooLong, Request
 from loracore.serve.registry import AdapterError, UnknownAdapter
+from loracore.serve.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
 
 __all__ = ["create_app", "router", "ServerState"]
 
