@@ -136,6 +136,27 @@ def test_a_failure_mid_generation_fails_only_its_request(eng, monkeypatch):
     assert max(eng.batch_sizes) == len(jobs) + 1, "the poisoned request never shared a batch"
 
 
+def test_a_failing_prefill_fails_only_its_request(eng, monkeypatch):
+    """A prefill is one request's own forward pass: its failure is that request's."""
+    jobs = jobs_for(eng)
+    alone = [eng.generate(*job) for job in jobs]
+    poison_ids = prompt(eng.tokenizer, "poison")
+    real = eng.decoder.prefill
+
+    def prefill(ids, cache, slot):
+        if ids.tolist() == poison_ids:
+            raise RuntimeError("injected prefill failure")
+        return real(ids, cache, slot)
+    monkeypatch.setattr(eng.decoder, "prefill", prefill)
+    reqs, bad = run_together(eng, jobs, (poison_ids, "a", SamplingParams(max_tokens=10)))
+    assert bad.wait(60) and bad.wait(0)  # finished, and stays so
+    with pytest.raises(RuntimeError, match="injected prefill failure"):
+        bad.result(0)
+    assert [r.result(60) for r in reqs] == alone
+    idle(eng)
+    assert all(eng.registry.info(n).pins == 0 for n in "ab")
+
+
 def test_an_unexpected_error_admitting_a_request_fails_it_alone(eng, monkeypatch):
     """Before, anything but the registry's own errors escaped the loop and killed the engine's
     thread: every request then waited forever."""

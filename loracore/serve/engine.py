@@ -11,6 +11,10 @@ forward pass (:mod:`loracore.serve.decoder`) gives every request its own key/val
 fixed-shape row-wise products, and sampling (:mod:`loracore.serve.sampling`) uses a
 ``torch.Generator`` per request, seeded from the request's ``seed``.
 
+A request's error stays its own: a failure while admitting it, in its prefill or while sampling
+its tokens finishes that request alone (its :meth:`Request.result` raises it) and its batch-mates
+go on unchanged; only a failure of the shared decode forward pass fails every request in it.
+
 This module is the scheduler: which requests wait, which run, when each joins and leaves.
 """
 
@@ -56,6 +60,10 @@ class Request:
     adapter_info: AdapterInfo | None = field(default=None, repr=False)
     _events: "queue.Queue[int | None]" = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request is finished (True) or ``timeout`` seconds pass (False)."""
+        return self._done.wait(timeout)
 
     def result(self, timeout: float | None = None) -> list[int]:
         """The generated token ids (without the EOS token); raises the request's error."""

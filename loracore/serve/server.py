@@ -326,7 +326,7 @@ async def _wait(req: Request, http: HTTPRequest) -> None:
 
     The wait runs in a worker thread ``DISCONNECT_POLL_S`` at a time, so a finished request is
     answered at once and a client that left is noticed within about that long."""
-    while not await run_in_threadpool(req._done.wait, DISCONNECT_POLL_S):
+    while not await run_in_threadpool(req.wait, DISCONNECT_POLL_S):
         if await http.is_disconnected():
             req.cancel()
             raise APIError(499, "the client closed the connection", "ClientClosedRequest")
