@@ -7,6 +7,7 @@ module:
   key/value cache, bit for bit independent of its batch-mates;
 - :mod:`~loracore.serve.sampling`: a request's sampling parameters, and its next token from logits;
 - :mod:`~loracore.serve.engine`: continuous batching, the scheduler that runs the decoder;
+- :mod:`~loracore.serve.protocol`: the HTTP bodies the server accepts, and their rules;
 - :mod:`~loracore.serve.server`: the OpenAI-compatible HTTP server (the ``serve`` extra).
 """
 

@@ -19,8 +19,9 @@ request alone, with a 500 that names it (or an error event in its stream), and i
 get exactly the tokens they would get alone. A client that hangs up, streamed or not, stops
 its request's generation within about :data:`DISCONNECT_POLL_S`.
 
-Each route is a module-level handler on :data:`router`; the state they share (the engine and
-the base's name) is a :class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
+The bodies and their rules are :mod:`loracore.serve.protocol`'s. Each route is a module-level
+handler on :data:`router`; the state they share (the engine and the base's name) is a
+:class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -29,23 +30,24 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, AsyncIterator, Callable
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-    from pydantic import AfterValidator, BaseModel, Field, field_validator
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
 except ImportError:
     from loracore.extras import require_extra
     require_extra("serve", "loracore.serve.server")  # names the extra when one is missing
     raise
 
 from loracore.serve.engine import Engine, PromptTooLong, Request
+from loracore.serve.protocol import (ChatRequest, CompletionRequest, LoadRequest, UnloadRequest,
+                                     _Sampling)
 from loracore.serve.registry import AdapterError, UnknownAdapter
-from loracore.serve.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
+from loracore.serve.sampling import SamplingParams
 
 __all__ = ["create_app", "router", "ServerState"]
 
@@ -63,65 +65,6 @@ def _error(status: int, message: str, type_: str, param: str | None = None,
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": type_, "param": param,
                                    "code": code or status}}, status_code=status)
-
-
-def _unicode(text: str) -> str:
-    """Refuse a lone surrogate (JSON's ``"\ud800"``): it is no Unicode text; the tokenizer and
-    the response's UTF-8 would fail on it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"holds a lone surrogate ({text[e.start]!r} at {e.start}), which is not "
-                         f"valid Unicode text") from None
-    return text
-
-
-#: A string field that must be valid Unicode (no lone surrogates).
-Text = Annotated[str, AfterValidator(_unicode)]
-
-
-class _Sampling(BaseModel):
-    model: Text
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-    ignore_eos: bool = False  # vLLM's extra sampling parameter
-
-    @field_validator("temperature")
-    @classmethod
-    def _samples(cls, t: float) -> float:  # the engine's rule (SamplingParams.check), said early
-        if t != 0.0 and t < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}: "
-                             f"a smaller one gives no probability distribution")
-        return t
-
-
-class CompletionRequest(_Sampling):
-    prompt: Text | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class LoadRequest(BaseModel):
-    lora_name: Text = Field(min_length=1)
-    lora_path: Text = Field(min_length=1)
-
-
-class UnloadRequest(BaseModel):
-    lora_name: Text = Field(min_length=1)
 
 
 @dataclass
