@@ -300,17 +300,23 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_stops_its_generation(s
     monkeypatch.setattr(eng, "submit", submit)
     monkeypatch.setattr(eng.decoder, "decode", slow_decode)
     params = {"model": "a", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
-    for path, body in (("/v1/completions", {**params, "prompt": "go on"}),
-                       ("/v1/chat/completions", {**params, "messages": [{"role": "user", "content": "go on"}]})):
-        with pytest.raises(requests.Timeout):
-            post(url, path, body, timeout=0.5)  # requests closes the connection on a timeout
+    cases = [("/v1/completions", {**params, "prompt": "go on"}),
+             ("/v1/chat/completions", {**params, "messages": [{"role": "user", "content": "go on"}]}),
+             ("/v1/completions", {**params, "prompt": "go on", "stream": True})]  # this one always worked
+    for path, body in cases:
+        if body.get("stream"):
+            with post(url, path, body, stream=True) as r:
+                next(r.iter_lines())  # a token came; then the client closes the connection
+        else:
+            with pytest.raises(requests.Timeout):
+                post(url, path, body, timeout=0.5)  # requests closes the connection on a timeout
         req = submitted[-1]
         deadline = time.monotonic() + 4
         while not req.done:
             assert time.monotonic() < deadline, f"{path}: still generating for a client that left " \
                                                 f"({len(req.output_ids)} tokens)"
             time.sleep(0.05)
-        assert req.finish_reason == "abort" and len(req.output_ids) < 250
+        assert req.finish_reason == "abort" and len(req.output_ids) < 100, (path, len(req.output_ids))
     monkeypatch.undo()
     assert_alive(url, eng)
 
@@ -360,7 +366,10 @@ def test_a_huge_prompt_does_not_stall_other_clients(served):
             latencies.append(time.monotonic() - t)
             time.sleep(0.05)
         r = future.result()
+        took = time.monotonic() - start
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
-    if time.monotonic() - start < 1.0:
-        pytest.skip("the tokenizer was too fast here to show a stall")
-    assert max(latencies) < 1.0, f"/health waited {max(latencies):.1f} s behind a big prompt"
+    if took < 3.0:
+        pytest.skip(f"the tokenizer was too fast here ({took:.1f} s) to show a stall")
+    # in the event loop, /health waited about as long as the big request took
+    assert max(latencies) < max(1.0, took / 3), f"/health waited {max(latencies):.1f} s behind a " \
+                                                f"big prompt that took {took:.1f} s"
