@@ -180,6 +180,30 @@ def test_an_unexpected_error_admitting_a_request_fails_it_alone(eng, monkeypatch
     assert eng.generate(*jobs[2], timeout=10) == alone[2]
 
 
+def test_a_failing_release_fails_only_its_request_and_the_engine_goes_on(eng, monkeypatch):
+    """Before, a release that raised finished no request and then escaped the loop's own
+    handler: the engine's thread died and every request waited forever."""
+    jobs = jobs_for(eng)
+    alone = [eng.generate(*job) for job in jobs]
+    real = eng.registry.release
+
+    def release(info):
+        real(info)
+        if info.name == "b":
+            raise RuntimeError("injected release failure")
+    monkeypatch.setattr(eng.registry, "release", release)
+    reqs = [eng.submit(*job) for job in jobs]
+    for r, job, want in zip(reqs, jobs, alone):
+        if job[1] == "b":
+            with pytest.raises(RuntimeError, match="injected release failure"):
+                r.result(10)
+            assert r.output_ids == want  # it did generate; the error is its own
+        else:
+            assert r.result(10) == want
+    monkeypatch.undo()
+    assert eng.generate(*jobs[2], timeout=10) == alone[2]
+
+
 # ---- the real server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

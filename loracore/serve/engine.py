@@ -232,8 +232,11 @@ class Engine:
             except NoFreeSlot:
                 keep.append(req)  # every slot is pinned by running requests: wait
             except Exception as e:  # noqa: BLE001 - an unknown or broken adapter, or a bug: this request's
-                if info is not None:
-                    self.registry.release(info)
+                if info is not None:  # acquired, then _Row failed: give the pin back
+                    try:
+                        self.registry.release(info)
+                    except Exception:  # noqa: BLE001 - the request's error says more
+                        pass
                 self._finish_req(req, None, e)
         self._waiting = keep
         return new
@@ -249,8 +252,9 @@ class Engine:
         try:
             if row.info is not None:
                 self.registry.release(row.info)
-        finally:  # whatever the release does, the client hears of its request
-            self._finish_req(row.req, reason, error)
+        except Exception as e:  # noqa: BLE001 - a registry bug: this request's client hears of it
+            reason, error = None, error or e
+        self._finish_req(row.req, reason, error)
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
         p = row.req.params
