@@ -5,7 +5,9 @@ module:
 - :mod:`~loracore.serve.batched`: one batch whose rows each use their own adapter;
 - :mod:`~loracore.serve.decoder`: the forward pass over many requests, each with its own
   key/value cache, bit for bit independent of its batch-mates;
+- :mod:`~loracore.serve.sampling`: a request's sampling parameters, and its next token from logits;
 - :mod:`~loracore.serve.engine`: continuous batching, the scheduler that runs the decoder;
+- :mod:`~loracore.serve.protocol`: the HTTP bodies the server accepts, and their rules;
 - :mod:`~loracore.serve.server`: the OpenAI-compatible HTTP server (the ``serve`` extra).
 """
 

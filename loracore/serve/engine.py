@@ -8,8 +8,12 @@ the next step.
 
 A request's tokens never depend on its batch-mates, exactly (not only up to rounding): the
 forward pass (:mod:`loracore.serve.decoder`) gives every request its own key/value cache and
-fixed-shape row-wise products, and sampling uses a ``torch.Generator`` per request, seeded from
-the request's ``seed``.
+fixed-shape row-wise products, and sampling (:mod:`loracore.serve.sampling`) uses a
+``torch.Generator`` per request, seeded from the request's ``seed``.
+
+A request's error stays its own: a failure while admitting it, in its prefill or while sampling
+its tokens finishes that request alone (its :meth:`Request.result` raises it) and its batch-mates
+go on unchanged; only a failure of the shared decode forward pass fails every request in it.
 
 This module is the scheduler: which requests wait, which run, when each joins and leaves.
 """
@@ -28,48 +32,15 @@ import torch
 from torch import nn
 
 from loracore.serve.decoder import CHUNK, Decoder, KVCache
-from loracore.serve.registry import (AdapterError, AdapterInfo, AdapterRegistry, NoFreeSlot,
-                                     UnknownAdapter)
+from loracore.serve.registry import AdapterInfo, AdapterRegistry, NoFreeSlot
+from loracore.serve.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams, sample_token
 
-__all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK"]
+__all__ = ["Engine", "Request", "SamplingParams", "PromptTooLong", "sample_token", "CHUNK",
+           "MIN_TEMPERATURE", "MAX_TEMPERATURE"]
 
 
 class PromptTooLong(ValueError):
     """The prompt plus ``max_tokens`` does not fit the model's context."""
-
-
-@dataclass
-class SamplingParams:
-    """``temperature`` 0 means greedy; ``top_p`` keeps the smallest set of tokens whose
-    probability reaches it; ``seed`` makes sampling repeatable (None: a fresh random seed)."""
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extra parameter: always generate max_tokens (benchmarks)
-
-    def check(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator) -> int:
-    """One token id from logits ``(vocab,)``: argmax when ``temperature == 0``, else a draw
-    from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus."""
-    if temperature == 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True, stable=True)
-        before = torch.cumsum(sorted_p, 0) - sorted_p       # mass of the tokens ahead of each
-        sorted_p[before >= top_p] = 0.0                     # keep until the mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 _ids = itertools.count()
@@ -89,6 +60,10 @@ class Request:
     adapter_info: AdapterInfo | None = field(default=None, repr=False)
     _events: "queue.Queue[int | None]" = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request is finished (True) or ``timeout`` seconds pass (False)."""
+        return self._done.wait(timeout)
 
     def result(self, timeout: float | None = None) -> list[int]:
         """The generated token ids (without the EOS token); raises the request's error."""
@@ -169,7 +144,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> Request:
         """Queue a request. Raises ``ValueError`` for bad parameters, :class:`PromptTooLong`,
-        :class:`UnknownAdapter` for an adapter name that is not loaded."""
+        :class:`~loracore.serve.registry.UnknownAdapter` for an adapter name that is not loaded."""
         params = params or SamplingParams()
         params.check()
         if not prompt_ids:
@@ -204,6 +179,11 @@ class Engine:
         self._thread.join(timeout=30)
 
     # ---- the loop -------------------------------------------------------------------------
+    # A request's error stays that request's: everything done for one request (admitting it,
+    # its prefill, which is its own forward pass, sampling, the stop checks) fails that request
+    # alone, and its batch-mates go on with exactly the tokens they would get alone (their
+    # caches and generators are their own). Only the shared decode forward pass, which no one
+    # request owns, fails every request in it.
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -219,32 +199,45 @@ class Engine:
                     if self._running:
                         self._decode_step()
                     for row in new:
-                        self._prefill(row)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                        self._isolated(row, self._prefill, row)
+            except Exception as e:  # noqa: BLE001 - a bug above: fail these requests, keep the loop
                 for row in self._running + new:
                     self._finish(row, None, e)
                 new = []
-            self._running += [r for r in new if not r.req.done]
+            self._running = [r for r in self._running + new if not r.req.done]
+
+    def _isolated(self, row: _Row, fn, *args) -> None:
+        """``fn(*args)`` for one request; an exception finishes that request with it, alone."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the request's client
+            self._finish(row, None, e)
 
     def _admit(self) -> list[_Row]:
         """Take waiting requests (oldest first) while there is room and an adapter slot."""
         new: list[_Row] = []
         keep: list[Request] = []
         for req in self._waiting:
+            if getattr(req, "_cancelled", False):  # its client left before it started
+                self._finish_req(req, "abort")
+                continue
             if len(self._running) + len(new) >= self.max_num_seqs:
                 keep.append(req)
                 continue
             info = None
-            if req.adapter is not None:
-                try:
+            try:
+                if req.adapter is not None:
                     info = self.registry.acquire(req.adapter_info)
-                except NoFreeSlot:
-                    keep.append(req)  # every slot is pinned by running requests: wait
-                    continue
-                except (UnknownAdapter, AdapterError) as e:
-                    self._finish_req(req, None, e)
-                    continue
-            new.append(_Row(req, info, self.eos))
+                new.append(_Row(req, info, self.eos))
+            except NoFreeSlot:
+                keep.append(req)  # every slot is pinned by running requests: wait
+            except Exception as e:  # noqa: BLE001 - an unknown or broken adapter, or a bug: this request's
+                if info is not None:  # acquired, then _Row failed: give the pin back
+                    try:
+                        self.registry.release(info)
+                    except Exception:  # noqa: BLE001 - the request's error says more
+                        pass
+                self._finish_req(req, None, e)
         self._waiting = keep
         return new
 
@@ -256,8 +249,11 @@ class Engine:
     def _finish(self, row: _Row, reason: str | None, error: BaseException | None = None) -> None:
         if row.req.done:
             return
-        if row.info is not None:
-            self.registry.release(row.info)
+        try:
+            if row.info is not None:
+                self.registry.release(row.info)
+        except Exception as e:  # noqa: BLE001 - a registry bug: this request's client hears of it
+            reason, error = None, error or e
         self._finish_req(row.req, reason, error)
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
@@ -280,7 +276,9 @@ class Engine:
         self._emit(row, logits)
 
     def _decode_step(self) -> None:
-        """Feed every running request's pending token; sample the next for each."""
+        """Feed every running request's pending token; sample the next for each. A failure of
+        the forward pass itself fails every request in it (the caller's handler): it belongs
+        to no one request, and their caches may be half-written. Sampling fails one request."""
         rows = list(self._running)
         ids = torch.tensor([r.pending for r in rows])
         slots = torch.tensor([r.slot for r in rows])
@@ -288,5 +286,5 @@ class Engine:
         self.steps += 1
         self.batch_sizes.append(len(rows))
         for i, row in enumerate(rows):
-            self._emit(row, logits[i])
+            self._isolated(row, self._emit, row, logits[i])
         self._running = [r for r in self._running if not r.req.done]

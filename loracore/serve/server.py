@@ -10,10 +10,18 @@ endpoints for adapters.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 404 for an
 unknown model or adapter, 400 for anything malformed or refused (a missing adapter path, an
-adapter for another base, a name already loaded, a prompt longer than the context).
+adapter for another base, a name already loaded, a prompt longer than the context, sampling
+parameters that give no distribution: ``temperature`` must be 0, greedy, or in [1e-5, 100];
+``top_p`` in (0, 1]; neither NaN nor infinite, and JSON's 1e309 is infinite).
 
-Each route is a module-level handler on :data:`router`; the state they share (the engine and
-the base's name) is a :class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
+One request cannot fail another's: an error while a request runs (sampling, say) fails that
+request alone, with a 500 that names it (or an error event in its stream), and its batch-mates
+get exactly the tokens they would get alone. A client that hangs up, streamed or not, stops
+its request's generation within about :data:`DISCONNECT_POLL_S`.
+
+The bodies and their rules are :mod:`loracore.serve.protocol`'s. Each route is a module-level
+handler on :data:`router`; the state they share (the engine and the base's name) is a
+:class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -22,21 +30,24 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, AsyncIterator, Callable
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
 except ImportError:
     from loracore.extras import require_extra
     require_extra("serve", "loracore.serve.server")  # names the extra when one is missing
     raise
 
-from loracore.serve.engine import Engine, PromptTooLong, Request, SamplingParams
+from loracore.serve.engine import Engine, PromptTooLong, Request
+from loracore.serve.protocol import (ChatRequest, CompletionRequest, LoadRequest, UnloadRequest,
+                                     _Sampling)
 from loracore.serve.registry import AdapterError, UnknownAdapter
+from loracore.serve.sampling import SamplingParams
 
 __all__ = ["create_app", "router", "ServerState"]
 
@@ -50,44 +61,10 @@ class APIError(Exception):
 
 def _error(status: int, message: str, type_: str, param: str | None = None,
            code: str | None = None) -> JSONResponse:
+    # a message may quote the client's text, which may hold what UTF-8 cannot (\ud800)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": type_, "param": param,
                                    "code": code or status}}, status_code=status)
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-    ignore_eos: bool = False  # vLLM's extra sampling parameter
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class LoadRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
 
 
 @dataclass
@@ -114,6 +91,7 @@ def create_app(engine: Engine, base_name: str) -> FastAPI:
     app.state.serving = ServerState(engine, base_name, int(time.time()))
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)  # a body JSON cannot parse; no such route
     app.add_exception_handler(Exception, _crash)
     app.include_router(router)
     return app
@@ -130,6 +108,15 @@ async def _invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{where or 'body'}: {err.get('msg')}")
     return _error(400, "invalid request: " + "; ".join(parts), "BadRequestError")
+
+
+async def _http_error(_: HTTPRequest, e: HTTPException) -> Response:
+    if e.status_code < 400:
+        return Response(status_code=e.status_code, headers=e.headers)
+    type_ = "NotFoundError" if e.status_code == 404 else "BadRequestError"
+    response = _error(e.status_code, f"invalid request: {e.detail}", type_)
+    response.headers.update(e.headers or {})  # 405's Allow
+    return response
 
 
 async def _crash(_: HTTPRequest, e: Exception) -> JSONResponse:  # never take the server down
@@ -177,10 +164,9 @@ async def unload_lora(body: UnloadRequest, state: State) -> PlainTextResponse:
 
 # ---- generation -----------------------------------------------------------------------------
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: State):
-    tokenizer = state.engine.tokenizer
+async def completions(body: CompletionRequest, state: State, http: HTTPRequest):
     if isinstance(body.prompt, str):
-        prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = await _tokenize(state, body.prompt, "prompt")
     else:
         prompt_ids = list(body.prompt)
     req = _submit(state, body, prompt_ids, body.max_tokens)
@@ -190,7 +176,7 @@ async def completions(body: CompletionRequest, state: State):
             return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
         return _streaming(state, req, chunk, body)
-    await _wait(req)
+    await _wait(req, http)
     return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
             "choices": [{"index": 0, "text": _decode(state, req.output_ids), "logprobs": None,
                          "finish_reason": req.finish_reason}],
@@ -198,14 +184,14 @@ async def completions(body: CompletionRequest, state: State):
 
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, state: State):
-    tokenizer = state.engine.tokenizer
+async def chat(body: ChatRequest, state: State, http: HTTPRequest):
     messages = [m.model_dump() for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = state.engine.tokenizer.apply_chat_template
+    try:  # in a worker thread, like the tokenizing: a long conversation takes a while
+        text = await run_in_threadpool(template, messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - a template that refuses the messages
         raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = await _tokenize(state, text, "messages")
     req = _submit(state, body, prompt_ids, body.max_completion_tokens or body.max_tokens)
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -218,12 +204,22 @@ async def chat(body: ChatRequest, state: State):
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return _streaming(state, req, chunk, body)
-    await _wait(req)
+    await _wait(req, http)
     message = {"role": "assistant", "content": _decode(state, req.output_ids)}
     return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": req.finish_reason}],
             "usage": _usage(req)}
+
+
+async def _tokenize(state: ServerState, text: str, param: str) -> list[int]:
+    """The token ids of ``text``, computed in a worker thread: megabytes of prompt take seconds,
+    and in the event loop they would stall every other client."""
+    tokenizer = state.engine.tokenizer
+    try:
+        return await run_in_threadpool(lambda: tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - text the tokenizer cannot take is the client's problem
+        raise APIError(400, f"the tokenizer refused this {param}: {type(e).__name__}: {e}", param=param) from None
 
 
 def _submit(state: ServerState, body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Request:
@@ -263,11 +259,23 @@ def _decode(state: ServerState, ids: list[int]) -> str:
     return state.engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-async def _wait(req: Request) -> None:
-    try:
-        await run_in_threadpool(req.result)
-    except Exception as e:  # noqa: BLE001
-        raise APIError(500, f"generation failed: {e}", "InternalServerError") from None
+#: How often a non-streamed request's wait looks whether its client is still there, seconds.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _wait(req: Request, http: HTTPRequest) -> None:
+    """Wait for ``req`` to finish; cancel it if the client hangs up meanwhile (a streamed request
+    is cancelled by Starlette closing its generator; a non-streamed one has nothing to close).
+
+    The wait runs in a worker thread ``DISCONNECT_POLL_S`` at a time, so a finished request is
+    answered at once and a client that left is noticed within about that long."""
+    while not await run_in_threadpool(req.wait, DISCONNECT_POLL_S):
+        if await http.is_disconnected():
+            req.cancel()
+            raise APIError(499, "the client closed the connection", "ClientClosedRequest")
+    if req.error is not None:
+        raise APIError(500, f"generation failed: {type(req.error).__name__}: {req.error}",
+                       "InternalServerError")
 
 
 Chunk = Callable[[str, str | None], dict]  # (new text, finish reason) -> one event's body
