@@ -8,7 +8,6 @@ test removes it whatever happens, so a failing test does not leave processes run
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -176,14 +175,12 @@ def test_a_process_holding_the_kernels_output_does_not_hold_the_grader(tmp_path,
         _, [r] = grade("01", [{str(path)!r}], labs_dir=Path({str(labs)!r}), limits=Limits(timeout=20))
         print(r.status, r.total(), r.reason)
         """)
-    start = time.monotonic()
-    try:
+    try:  # less than the time limit and the grader's grace (110 s): no waiting for either
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=100, env={**os.environ, "PYTHONPATH": str(ROOT)})
     except subprocess.TimeoutExpired:
         pytest.fail("the grader was still waiting 100 s later for a notebook that ended at once")
     assert proc.stdout.split()[:2] == ["ok", str(FULL)], proc.stdout + proc.stderr[-2000:]
-    assert time.monotonic() - start < 60
 
 
 FLOOD = """\
