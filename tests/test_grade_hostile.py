@@ -266,3 +266,32 @@ def test_a_verdict_file_replaced_by_an_endless_one_does_not_stop_the_grader(tmp_
     start = time.monotonic()
     result = _grade(labs, path, timeout=30)
     assert result.status == "ok" and time.monotonic() - start < 60, result
+
+
+def test_kill_descendants_ends_a_whole_tree_and_a_subreaper_keeps_the_orphans_in_it(marker):
+    from loracore.grade.sandbox import kill_descendants
+
+    script = SURVIVORS.replace("MARKER", marker).replace("import os, subprocess, sys\n", "")
+    script = ("import os, subprocess, sys, time\nfrom loracore.grade.sandbox import become_subreaper, "
+              "kill_descendants\nassert become_subreaper()\n" + script +
+              "time.sleep(1)\nprint(len(kill_descendants(os.getpid())))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) >= 3  # setsid's sleeper, the new session's, the daemon
+    time.sleep(0.5)
+    assert _with_marker(marker) == []
+
+
+def test_kill_descendants_of_a_process_without_children_or_gone_signals_nothing():
+    from loracore.grade.sandbox import kill_descendants
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert kill_descendants(gone.pid) == [] and kill_descendants(gone.pid, include_root=True) == [gone.pid]
+    alone = subprocess.Popen(["sleep", "30"])
+    try:
+        assert kill_descendants(alone.pid) == [] and alone.poll() is None  # itself is spared
+    finally:
+        alone.kill()
+        alone.wait()

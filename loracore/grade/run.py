@@ -45,6 +45,10 @@ COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 SHORT_MODE = {"LORACORE_FAST": "1", "LORACORE_BASE_MODEL": "smollm2-135m", "HF_HUB_OFFLINE": "1",
               "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
 
+#: True in ``python -m loracore.grade.run``, a child subreaper: every process below it is the
+#: submission's, so all of them are killed after its notebook (not so for a caller of grade_one).
+_is_runner = False
+
 #: The most the runner reads of the verdict file after one check cell (a lab's are a few kB).
 VERDICTS_MAX_BYTES = 2**20
 
@@ -283,6 +287,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
         result.status = "crashed"
         stopped_at = f"{type(exc).__name__}: {exc}"[:300]
     finally:
+        kernel = getattr(getattr(getattr(client, "km", None), "provisioner", None), "pid", None)
+        if kernel:  # what the learner started below the kernel, in any session or group
+            kill_descendants(kernel)
         if client.km is not None and client.km.has_kernel:
             try:
                 client._cleanup_kernel()
@@ -295,8 +302,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                     os.killpg(pgid, signal.SIGKILL)  # anything the learner started in the kernel
                 except OSError:
                     pass
-        kill_descendants(os.getpid())  # and in any other session or group (this is a subreaper)
-        _reap()
+        if _is_runner:  # orphans too (a double fork): this process is their subreaper
+            kill_descendants(os.getpid())
+            _reap()
     for e in lab.exercises:
         if e.name not in result.verdicts:
             why = cell_errors.get(e.name) or stopped_at or "its check cell did not report a verdict"
@@ -350,16 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="grade one submission given as JSON on stdin")
     parser.add_argument("--result-fd", type=int, default=None)
     args = parser.parse_args(argv)
+    global _is_runner
     if args.result_fd is not None:
         os.set_inheritable(args.result_fd, False)
-    become_subreaper()
+    _is_runner = become_subreaper()
     job = json.loads(sys.stdin.read())
     lab = find_lab(job["lab"], Path(job["labs_dir"]))
-    try:
-        result = grade_one(job["path"], lab, Limits(**job["limits"]))
-    finally:
-        kill_descendants(os.getpid())
-        _reap()
+    result = grade_one(job["path"], lab, Limits(**job["limits"]))
     data = json.dumps(asdict(result)).encode()
     if args.result_fd is None:
         sys.stdout.write("\n" + data.decode() + "\n")
