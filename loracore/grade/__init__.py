@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
@@ -28,6 +30,7 @@ from typing import Callable, Iterable
 
 from loracore.grade.labs import LABS_DIR, Exercise, Lab, find_lab
 from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict
+from loracore.grade.sandbox import kill_descendants
 
 __all__ = ["grade", "find_submissions", "find_lab", "Lab", "Exercise", "Limits", "Result",
            "Verdict"]
@@ -35,6 +38,15 @@ __all__ = ["grade", "find_submissions", "find_lab", "Lab", "Exercise", "Limits",
 #: Seconds the grader allows a submission's process beyond its notebook's time limit
 #: (kernel start and shutdown) before it kills the whole process group.
 GRACE_SECONDS = 90
+
+#: The most the grader reads of a runner's result (a JSON document of a few kB) and of its
+#: standard error (the last lines, to name what went wrong): its memory does not grow with
+#: what a submission writes.
+RESULT_MAX_BYTES = 16 * 2**20
+STDERR_TAIL_BYTES = 4096
+
+#: Seconds the grader waits for a runner to exit once its result is in, or once killed.
+EXIT_WAIT_SECONDS = 10
 
 
 def prepare_model_cache() -> None:
@@ -61,37 +73,96 @@ def find_submissions(paths: Iterable[str | Path]) -> list[str]:
     return sorted(found)
 
 
+def _read_result(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """Read ``fd`` until its end (True), ``deadline`` or :data:`RESULT_MAX_BYTES` (False)."""
+    data = bytearray()
+    while len(data) <= RESULT_MAX_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return bytes(data), False
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return bytes(data), True
+        data += chunk
+    return bytes(data), False
+
+
+def _stop(proc: subprocess.Popen, answered: bool) -> None:
+    """End the runner and every process below it (it is their subreaper), waiting a bounded time.
+
+    A runner that ``answered`` is given :data:`EXIT_WAIT_SECONDS` to exit by itself first.
+    """
+    if answered:
+        try:
+            proc.wait(timeout=EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        kill_descendants(proc.pid, include_root=True)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner's group, whatever remains of it
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=EXIT_WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits) -> Result:
-    """Grade one submission in a child process; the child's whole process group is killed after."""
+    """Grade one submission in a child process (the runner); nothing of it outlives its grading.
+
+    The result comes back on a pipe given to the runner alone (the kernel it starts never has
+    it); its stdout is ``/dev/null`` and its stderr a file read only for its last lines. Every
+    wait is bounded: ``limits.timeout + GRACE_SECONDS`` for the result, then
+    ``EXIT_WAIT_SECONDS`` for the runner to exit before it and its processes are killed.
+    """
     job = json.dumps({"path": path, "lab": lab.number, "labs_dir": str(labs_dir),
                       "limits": asdict(limits)})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    zeros = {e.name: 0.0 for e in lab.exercises}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "loracore.grade.run"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(job.encode(), timeout=limits.timeout + GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return Result(path, "timeout", f"the grader stopped it after {limits.timeout:g} s "
-                      "(and its kernel did not stop)", {e.name: 0.0 for e in lab.exercises},
-                      seconds=round(time.monotonic() - start, 2))
-    finally:
+    read_fd, write_fd = os.pipe()
+    data, complete = b"", False
+    with tempfile.TemporaryFile() as stderr:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives its grading
-        except OSError:
-            pass
-    lines = out.decode("utf-8", "replace").strip().splitlines()
-    try:
-        return Result.from_json(json.loads(lines[-1]))
-    except (IndexError, json.JSONDecodeError, TypeError):
-        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        return Result(path, "grader error", f"exit code {proc.returncode}: {tail[0]}"[:300],
-                      {e.name: 0.0 for e in lab.exercises},
-                      seconds=round(time.monotonic() - start, 2))
+            proc = subprocess.Popen([sys.executable, "-m", "loracore.grade.run", "--result-fd",
+                                     str(write_fd)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                    pass_fds=(write_fd,), start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        try:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(job.encode())
+                proc.stdin.close()
+            except BrokenPipeError:  # it died at once: its stderr says why
+                pass
+            data, complete = _read_result(read_fd, start + limits.timeout + GRACE_SECONDS)
+        finally:
+            os.close(read_fd)
+            _stop(proc, complete)
+        seconds = round(time.monotonic() - start, 2)
+        if complete:
+            try:
+                return Result.from_json(json.loads(data))
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+                pass
+        elif len(data) <= RESULT_MAX_BYTES:  # the time ran out
+            return Result(path, "timeout", f"the grader stopped it after "
+                          f"{limits.timeout + GRACE_SECONDS:g} s without a result (its time "
+                          f"limit is {limits.timeout:g} s)", zeros, seconds=seconds)
+        stderr.seek(0, os.SEEK_END)
+        stderr.seek(max(0, stderr.tell() - STDERR_TAIL_BYTES))
+        tail = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+    why = f"exit code {proc.returncode}: {tail[0]}" if len(data) <= RESULT_MAX_BYTES else \
+        f"a result over {RESULT_MAX_BYTES} bytes"
+    return Result(path, "grader error", why[:300], zeros, seconds=seconds)
 
 
 def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,

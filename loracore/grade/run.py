@@ -1,8 +1,20 @@
 """Grade one submission: restore it, run it in a fresh sandboxed kernel, read the checks' verdicts.
 
 :func:`grade_one` never raises for anything a submission does: every failure becomes a status
-and a reason in its :class:`Result`. ``python -m loracore.grade.run`` runs it for one job given
-as JSON on stdin and prints the result as JSON (the batch runs each in its own process).
+and a reason in its :class:`Result`. ``python -m loracore.grade.run --result-fd N`` runs it for
+one job given as JSON on stdin and writes the result as JSON to descriptor N (without it: to
+stdout), a pipe only the grader reads: the kernel's output goes to ``/dev/null``, never to the
+grader. The batch runs each submission in its own process, a child subreaper that kills every
+process below it (the kernel and whatever the learner started, in any session) before it
+answers.
+
+Verdicts: the checks of a course's check cell append them to ``$LORACORE_VERDICTS`` in the
+submission's folder. The runner removes that file before each check cell and reads it (at
+most :data:`VERDICTS_MAX_BYTES`, never following a link or waiting on a pipe) right after, so
+a record written at any other time (a learner's cell, a process it left running that holds
+the file open) is never merged. Code of the learner's running *during* a check cell (a thread,
+a process that opens the file then, or a replaced ``selfcheck._record``) can still write one:
+the checks run in the learner's process, as the README says.
 """
 
 from __future__ import annotations
@@ -11,6 +23,8 @@ import json
 import os
 import shutil
 import signal
+import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +37,18 @@ import nbformat
 from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
 from loracore.grade.labs import Lab, find_lab
 from loracore.grade.restore import NotGradable, read_submission, restore
+from loracore.grade.sandbox import become_subreaper, kill_descendants
 
 #: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 
+
+#: True in ``python -m loracore.grade.run``, a child subreaper: every process below it is the
+#: submission's, so all of them are killed after its notebook (not so for a caller of grade_one).
+_is_runner = False
+
+#: The most the runner reads of the verdict file after one check cell (a lab's are a few kB).
+VERDICTS_MAX_BYTES = 2**20
 
 
 def model_cache_lock() -> Path:
@@ -143,6 +165,63 @@ def _first_error(cell: nbformat.NotebookNode) -> str:
     return ""
 
 
+def _remove(path: Path) -> None:
+    """Remove ``path`` whatever the learner made of it (a file, a link, a pipe, a folder)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _take_records(path: Path) -> list[dict[str, Any]]:
+    """The verdict records in ``path``, which is then removed.
+
+    Read without following a link or waiting on a pipe (``O_NOFOLLOW | O_NONBLOCK``, regular
+    files only), at most :data:`VERDICTS_MAX_BYTES`.
+    """
+    data = b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                while len(data) < VERDICTS_MAX_BYTES:
+                    chunk = os.read(fd, VERDICTS_MAX_BYTES - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    _remove(path)
+    records = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("exercise"), str):
+            records.append(record)
+    return records
+
+
+def _reap() -> None:
+    """Collect the exit status of every ended child (orphans re-parented here included)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _merge(verdicts: dict[str, Verdict], record: dict[str, Any]) -> None:
     """An exercise passes only if every call of its check in a check cell passed."""
     name = record["exercise"]
@@ -162,39 +241,23 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
     nb = nbformat.v4.new_notebook(cells=[g.cell for g in nb_cells])
     client = _client(nb, workdir, limits)
     deadline = time.monotonic() + limits.timeout
-    offset = 0
     stopped_at: str | None = None
     cell_errors: dict[str, str] = {}
 
-    def new_records() -> list[dict[str, Any]]:
-        nonlocal offset
-        try:
-            with open(verdict_file, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return []
-        offset += len(data)
-        records = []
-        for line in data.decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("exercise"), str):
-                records.append(record)
-        return records
-
     try:
-        with client.setup_kernel(env=env):
+        # The kernel's own output goes nowhere: it must not reach this process's descriptors.
+        with client.setup_kernel(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
             for index, graded in enumerate(nb_cells):
                 if graded.cell.cell_type != "code":
                     continue
                 client.timeout = max(1, int(deadline - time.monotonic()))
                 if deadline - time.monotonic() <= 0:
                     raise CellTimeoutError("the notebook's time is up")
+                checked = graded.origin == "course" and bool(graded.checks)
+                if checked:  # only what this cell's run writes counts
+                    _remove(verdict_file)
                 client.execute_cell(graded.cell, index)
-                records = new_records()
+                records = _take_records(verdict_file) if checked else []
                 if _first_error(graded.cell) and not graded.checks:
                     result.errors.append(f"{'your' if graded.origin == 'learner' else 'the lab'}'s "
                                          f"cell {index + 1} ({graded.cell.source.strip().splitlines()[0][:60]!r}): "
@@ -203,7 +266,7 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                     # sys.exit / exit(): the learner asked the notebook to stop, as a script would
                     result.status = "exited"
                     stopped_at = f"cell {index + 1} called sys.exit() and the rest did not run"
-                if graded.origin == "course":  # only the course's check cells can grade
+                if checked:  # only the course's check cells can grade
                     for record in records:
                         if record["exercise"] in graded.checks:
                             _merge(result.verdicts, record)
@@ -222,6 +285,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
         result.status = "crashed"
         stopped_at = f"{type(exc).__name__}: {exc}"[:300]
     finally:
+        kernel = getattr(getattr(getattr(client, "km", None), "provisioner", None), "pid", None)
+        if kernel:  # what the learner started below the kernel, in any session or group
+            kill_descendants(kernel)
         if client.km is not None and client.km.has_kernel:
             try:
                 client._cleanup_kernel()
@@ -234,6 +300,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                     os.killpg(pgid, signal.SIGKILL)  # anything the learner started in the kernel
                 except OSError:
                     pass
+        if _is_runner:  # orphans too (a double fork): this process is their subreaper
+            kill_descendants(os.getpid())
+            _reap()
     for e in lab.exercises:
         if e.name not in result.verdicts:
             why = cell_errors.get(e.name) or stopped_at or "its check cell did not report a verdict"
@@ -275,12 +344,31 @@ def grade_one(path: str, lab: Lab, limits: Limits) -> Result:
     return result
 
 
-def main() -> None:
-    """``python -m loracore.grade.run`` < job.json: grade one submission, print the result."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loracore.grade.run [--result-fd N]`` < job.json: grade one submission.
+
+    The result goes to descriptor ``N`` as one JSON document (to stdout without it). ``N`` is
+    not inherited by the kernel; every process started below this one is killed before the
+    result is written.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="grade one submission given as JSON on stdin")
+    parser.add_argument("--result-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    global _is_runner
+    if args.result_fd is not None:
+        os.set_inheritable(args.result_fd, False)
+    _is_runner = become_subreaper()
     job = json.loads(sys.stdin.read())
     lab = find_lab(job["lab"], Path(job["labs_dir"]))
     result = grade_one(job["path"], lab, Limits(**job["limits"]))
-    sys.stdout.write("\n" + json.dumps(asdict(result)) + "\n")
+    data = json.dumps(asdict(result)).encode()
+    if args.result_fd is None:
+        sys.stdout.write("\n" + data.decode() + "\n")
+        return
+    with os.fdopen(args.result_fd, "wb") as out:
+        out.write(data)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,23 @@ this order, before any learner code exists in the process:
 - a memory limit (``RLIMIT_AS``): an unbounded allocation ends in ``MemoryError`` inside the
   learner's cell, not in the machine's out-of-memory killer;
 - a file-size limit (``RLIMIT_FSIZE``) and no core files;
-- on Linux with Landlock (5.13+), writes only beneath ``DIR`` (and ``/dev/null``, ``/dev/shm``,
-  and each ``--writable PATH``: the model cache's lock file, which every model load takes):
+- on Linux with Landlock (5.13+), writes only beneath ``DIR`` (and ``/dev/null`` and each
+  ``--writable PATH``: the model cache's lock file, which every model load takes; not
+  ``/dev/shm``, which nothing would clean, and which the labs do not use: torch needs it only
+  to share tensors between processes):
   deleting or editing the course, another submission or anything else is refused by the
   kernel of the operating system (``PermissionError``); and, where Landlock has scopes (6.12+),
   no signals to processes outside the sandbox (the grader, the other submissions' kernels);
 - no new privileges, and no capabilities when started as root (so the limits stay put);
+- standard output and error on ``/dev/null``: what the kernel or a process it starts writes
+  there reaches no reader (the grader's result travels on a descriptor the kernel never has);
 
 then starts ipykernel. The limits are inherited by every process the learner starts.
+
+:func:`kill_descendants` is how the grader ends every process a submission started, whatever
+session or process group it moved to: the runner of a submission is a child subreaper
+(:func:`become_subreaper`), so an orphan (a double fork, ``setsid``) is re-parented to it
+instead of to init and stays in its tree of processes.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import argparse
 import ctypes
 import os
 import resource
+import signal
 import sys
+import time
 
 # Landlock's system calls and flags (linux/landlock.h); the numbers are the same on every
 # architecture that has them.
@@ -33,7 +44,7 @@ _FS_WRITE_FILE, _FS_REMOVE_DIR, _FS_REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
 _FS_MAKE = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
 _FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14
 _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
-_PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 38, 24
+_PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER = 38, 24, 36
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -137,9 +148,90 @@ def apply_limits(workdir: str, memory_mb: int, file_mb: int = 256,
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb * 2**20, file_mb * 2**20))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    abi = restrict_writes([workdir, "/dev/null", "/dev/shm", *(writable or [])])
+    abi = restrict_writes([workdir, "/dev/null", *(writable or [])])
     drop_capabilities()
     return abi
+
+
+def quiet_output() -> None:
+    """Point file descriptors 1 and 2 at ``/dev/null`` (a process the learner starts inherits them)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux 3.4+): orphans below it are re-parented to it.
+
+    Returns False where that is not available (then a double-forked process escapes
+    :func:`kill_descendants`).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    return _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from ``/proc/PID/stat`` (parent pid: the field after the state)."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and ')'
+        if len(fields) > 1:
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+    return kids
+
+
+def descendants(root: int) -> list[int]:
+    """The pids of every process below ``root`` (children, their children, ...), now."""
+    kids, found, todo = _children(), [], [root]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_descendants(root: int, *, include_root: bool = False, seconds: float = 10.0) -> list[int]:
+    """SIGKILL every process below ``root`` (and ``root`` itself with ``include_root``).
+
+    Each is stopped first (SIGSTOP: a stopped process cannot fork any more), until a walk of
+    ``/proc`` finds no new one or ``seconds`` have passed; then all are killed. Returns the
+    pids signalled. Only processes still below ``root`` are found: make ``root`` a subreaper
+    (:func:`become_subreaper`) so that orphans stay there. Linux only (``[]`` elsewhere).
+    """
+    if not os.path.isdir("/proc"):
+        return []
+    targets: list[int] = [root] if include_root else []
+    if include_root:
+        _signal(root, signal.SIGSTOP)
+    deadline = time.monotonic() + seconds
+    while True:
+        new = [p for p in descendants(root) if p not in targets]
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        targets.extend(new)
+        if not new or time.monotonic() > deadline:
+            break
+    for pid in targets:
+        _signal(pid, signal.SIGKILL)
+    return targets
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:  # it ended meanwhile
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     abi = apply_limits(args.workdir, args.memory_mb, writable=args.writable)
     os.environ["LORACORE_SANDBOX"] = f"landlock {abi}" if abi else "limits only"
+    quiet_output()
     from ipykernel.kernelapp import launch_new_instance
 
     sys.argv = [sys.argv[0], *rest]
