@@ -6,6 +6,8 @@ One idea per module:
 - :mod:`loracore.grade.restore`: the learner's answers put back into the course's copy of the
   lab (check cells and every other fixed cell come from the course);
 - :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, writes, signals);
+- :mod:`loracore.grade.verdicts`: the checks' verdict records, read back safely, and a
+  submission's :class:`Result`;
 - :mod:`loracore.grade.run`: one submission in its own kernel, with a time limit, read back as
   the checks' verdicts;
 - :mod:`loracore.grade.gradebook`: gradebook.csv, the class summary, feedback files.

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from loracore.grade.labs import Lab
-from loracore.grade.run import Result
+from loracore.grade.verdicts import Result
 
 
 def _fmt(points: float) -> str:

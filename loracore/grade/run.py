@@ -10,7 +10,7 @@ answers.
 
 Verdicts: the checks of a course's check cell append them to ``$LORACORE_VERDICTS`` in the
 submission's folder. The runner removes that file before each check cell and reads it (at
-most :data:`VERDICTS_MAX_BYTES`, never following a link or waiting on a pipe) right after, so
+most :data:`~loracore.grade.verdicts.VERDICTS_MAX_BYTES`, never following a link or waiting on a pipe) right after, so
 a record written at any other time (a learner's cell, a process it left running that holds
 the file open) is never merged. Code of the learner's running *during* a check cell (a thread,
 a process that opens the file then, or a replaced ``selfcheck._record``) can still write one:
@@ -23,12 +23,11 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` r
 from loracore.grade.labs import Lab, find_lab
 from loracore.grade.restore import NotGradable, read_submission, restore
 from loracore.grade.sandbox import become_subreaper, kill_descendants
+from loracore.grade.verdicts import Result, Verdict, merge_record, remove, take_records
 
 #: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -46,9 +46,6 @@ COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 #: True in ``python -m loracore.grade.run``, a child subreaper: every process below it is the
 #: submission's, so all of them are killed after its notebook (not so for a caller of grade_one).
 _is_runner = False
-
-#: The most the runner reads of the verdict file after one check cell (a lab's are a few kB).
-VERDICTS_MAX_BYTES = 2**20
 
 
 def model_cache_lock() -> Path:
@@ -71,35 +68,6 @@ class Limits:
     output_kb: int = 1024         # all outputs together; the rest is dropped
     threads: int = 1              # torch / OpenMP threads in the kernel
 
-
-@dataclass
-class Verdict:
-    """What the checks of one exercise decided (merged over the calls in its check cells)."""
-
-    passed: bool
-    failed: list[dict[str, str]] = field(default_factory=list)  # the checks that failed
-    error: str = ""                                              # why, when no check says it
-
-
-@dataclass
-class Result:
-    """One submission's row of the gradebook, and what its feedback file says."""
-
-    submission: str
-    status: str
-    reason: str = ""
-    points: dict[str, float] = field(default_factory=dict)
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)  # cells that raised, outside the checks
-    seconds: float = 0.0
-
-    def total(self) -> float:
-        return sum(self.points.values())
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> "Result":
-        verdicts = {k: Verdict(**v) for k, v in data.pop("verdicts", {}).items()}
-        return Result(**data, verdicts=verdicts)
 
 
 def _sandbox_manager(argv: list[str]) -> type:
@@ -165,52 +133,6 @@ def _first_error(cell: nbformat.NotebookNode) -> str:
     return ""
 
 
-def _remove(path: Path) -> None:
-    """Remove ``path`` whatever the learner made of it (a file, a link, a pipe, a folder)."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _take_records(path: Path) -> list[dict[str, Any]]:
-    """The verdict records in ``path``, which is then removed.
-
-    Read without following a link or waiting on a pipe (``O_NOFOLLOW | O_NONBLOCK``, regular
-    files only), at most :data:`VERDICTS_MAX_BYTES`.
-    """
-    data = b""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                while len(data) < VERDICTS_MAX_BYTES:
-                    chunk = os.read(fd, VERDICTS_MAX_BYTES - len(data))
-                    if not chunk:
-                        break
-                    data += chunk
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    _remove(path)
-    records = []
-    for line in data.decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("exercise"), str):
-            records.append(record)
-    return records
-
-
 def _reap() -> None:
     """Collect the exit status of every ended child (orphans re-parented here included)."""
     while True:
@@ -220,16 +142,6 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-
-
-def _merge(verdicts: dict[str, Verdict], record: dict[str, Any]) -> None:
-    """An exercise passes only if every call of its check in a check cell passed."""
-    name = record["exercise"]
-    old = verdicts.get(name)
-    passed = bool(record.get("passed")) and (old is None or old.passed)
-    failed = (old.failed if old else []) + list(record.get("failed") or [])
-    error = (old.error if old and old.error else "") or str(record.get("error") or "")
-    verdicts[name] = Verdict(passed, failed, error)
 
 
 def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Result) -> None:
@@ -255,9 +167,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                     raise CellTimeoutError("the notebook's time is up")
                 checked = graded.origin == "course" and bool(graded.checks)
                 if checked:  # only what this cell's run writes counts
-                    _remove(verdict_file)
+                    remove(verdict_file)
                 client.execute_cell(graded.cell, index)
-                records = _take_records(verdict_file) if checked else []
+                records = take_records(verdict_file) if checked else []
                 if _first_error(graded.cell) and not graded.checks:
                     result.errors.append(f"{'your' if graded.origin == 'learner' else 'the lab'}'s "
                                          f"cell {index + 1} ({graded.cell.source.strip().splitlines()[0][:60]!r}): "
@@ -269,7 +181,7 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                 if checked:  # only the course's check cells can grade
                     for record in records:
                         if record["exercise"] in graded.checks:
-                            _merge(result.verdicts, record)
+                            merge_record(result.verdicts, record)
                     for name in graded.checks:
                         if name not in result.verdicts and _first_error(graded.cell):
                             cell_errors.setdefault(name, _first_error(graded.cell))
