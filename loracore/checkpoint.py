@@ -101,14 +101,20 @@ def _load_pickle(path: Path) -> Any:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"{path} is damaged or cut short ({str(exc).splitlines()[0]})") from None
+            raise CheckpointError(f"{path} is damaged or cut short ({_first(exc)})") from None
         what = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise CheckpointError(
             f"{path} holds something other than plain tensors and numbers"
             f"{f' ({what.group(1)})' if what else ''}; it will not be loaded, since loading such a "
             f"file can run code (loracore never writes one: it was made elsewhere)") from None
-    except Exception as exc:  # a truncated or foreign file: torch's reason, first line
-        raise CheckpointError(f"{path} is damaged or cut short ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # a truncated or foreign file: torch's reason
+        raise CheckpointError(f"{path} is damaged or cut short ({_first(exc)})") from None
+
+
+def _first(exc: Exception) -> str:
+    """The first sentence of an error's text (torch's run on for a paragraph)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.split(". ")[0].rstrip(".")
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:

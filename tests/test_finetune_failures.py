@@ -383,3 +383,65 @@ def test_resume_of_an_unfinished_run_that_holds_no_settings_says_so(tmp_path, ca
     out.mkdir()
     assert _run(out, *RESUME) == 2
     assert "no run to continue" in _one_line_error(capsys.readouterr().err)
+
+
+def test_checkpoint_of_other_tensors_or_another_number_of_processes_is_refused(unfinished, capsys):
+    path = unfinished / "checkpoint" / "adapter.safetensors"
+    tensors = load_file(str(path))
+    gone = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != gone}, str(path))
+    assert _run(unfinished, *RESUME) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(path) in line and "does not hold this run's adapter" in line and gone in line, line
+    save_file(tensors, str(path))
+    rng = unfinished / "checkpoint" / "rng.pt"
+    states = torch.load(rng, weights_only=True)
+    torch.save(states * 2, rng)  # as if written by two processes
+    assert _run(unfinished, *RESUME) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "written by 2 process(es), this run has 1" in line, line
+
+
+def test_killed_overwrite_run_resumes_by_its_own_settings_not_the_folders_earlier_ones(tmp_path, capsys):
+    """--overwrite of run A by run B (another lr), killed after B's first checkpoint: the folder
+    still holds A's four files, B's checkpoint carries B's settings, and --resume continues B."""
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "1") == 0
+    a_files = _tree(out)
+    child = _child("kill-after-checkpoint", "2", out, "--steps", "6", "--save-every", "2",
+                   "--lr", "1e-2", "--overwrite")
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert {k: v for k, v in _tree(out).items() if not k.startswith("checkpoint")} == a_files
+    capsys.readouterr()
+    assert _run(out, *RESUME) == 2  # A's lr: not the run the checkpoint continues
+    assert "lr: the checkpoint's run has 0.01, this command 0.005" in capsys.readouterr().err
+    assert finetune.main([*COMMON, "--lr", "1e-2", "--out", str(out), *RESUME]) == 0
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    assert json.loads((out / "training_args.json").read_text())["lr"] == 1e-2
+
+
+def test_remove_folder_interrupted_leaves_nothing_half_and_is_cleaned_up(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "a").write_text("a")
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # renamed aside, then interrupted while deleting
+        atomic.remove_folder(folder)
+    monkeypatch.undo()
+    assert not folder.exists() and len(list(tmp_path.iterdir())) == 1  # the hidden one, whole
+    atomic.recover(folder)  # never brings a folder being deleted back
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_adapter_extra_files_go_in_the_same_swap_and_bad_names_are_refused(tmp_path):
+    from torch import nn
+
+    from loracore.surgery import inject
+    model = inject(nn.Sequential(nn.Linear(8, 8)), ["0"], r=2, lora_alpha=4)
+    folder = adapters.save_adapter(model, tmp_path / "ad", extra_files={"notes.json": "{}\n"})
+    assert (folder / "notes.json").read_text() == "{}\n"
+    before = _tree(tmp_path)
+    for name in ["adapter_config.json", "adapter_model.safetensors", "../x", ".hidden", "a/b", ""]:
+        with pytest.raises(ValueError, match="extra_files: .* is not a plain file name"):
+            adapters.save_adapter(model, folder, extra_files={name: "x"})
+    assert _tree(tmp_path) == before
