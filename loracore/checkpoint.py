@@ -12,6 +12,9 @@ A checkpoint is a folder with everything the next step depends on:
 It is written with :func:`loracore.atomic.write_folder`, as adapter folders are: into a hidden
 sibling folder, synced, then renamed into place, so a SIGKILL at any moment leaves either the
 previous checkpoint or the new one, never a mix; reading or writing again cleans up after it.
+Reading checks every file before anything uses it: a missing, damaged or foreign file (a pickle
+holding anything but tensors and numbers is refused, never run) and NaN or inf in the adapter or
+the optimizer state are refused with the file named.
 """
 
 from __future__ import annotations
