@@ -112,6 +112,16 @@ CHILD = textwrap.dedent("""
                 atomic._stage = lambda s: die() if s == arg else None
             return original(*args, **kwargs)
         ft._finish = finish
+    elif fault == "kill-at-random":  # SIGKILL `arg` seconds into the last save, wherever it is
+        import threading, time
+        original = ft._finish
+        def finish(*args, **kwargs):
+            def kill():
+                time.sleep(float(arg)); os.kill(os.getpid(), signal.SIGKILL)
+            threading.Thread(target=kill, daemon=True).start()
+            original(*args, **kwargs)
+            time.sleep(60)  # the kill comes during the save or here: never a clean exit
+        ft._finish = finish
     sys.exit(ft.main(sys.argv[4:]))
 """)
 
@@ -258,6 +268,24 @@ def test_sigkill_during_the_final_save_leaves_old_or_new_files_together(tmp_path
         got = load_file(str(out / "adapter_model.safetensors"))
         assert all(torch.equal(got[k], new_adapter[k]) for k in new_adapter)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sigkill_at_a_random_moment_of_the_final_save_leaves_old_or_new_together(tmp_path, seed):
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "1") == 0
+    old_files = _tree(out)
+    delay = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item() * 0.02
+    child = _child("kill-at-random", f"{delay:.6f}", out, "--steps", "2", "--overwrite")
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    atomic.recover(out)
+    files = _tree(out)
+    assert sorted(f for f in files if not f.startswith("checkpoint")) == RUN_FILES
+    if files != old_files:  # then all four are the new run's
+        assert files["training_args.json"] != old_files["training_args.json"]
+        assert files["history.json"] != old_files["history.json"]
+        assert files["adapter_model.safetensors"] != old_files["adapter_model.safetensors"]
+        assert json.loads((out / "training_args.json").read_text())["steps"] == 2
 
 
 # ---- 3. a damaged training_args.json or state.json -----------------------------------------
