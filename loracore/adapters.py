@@ -24,13 +24,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
 from loracore.adapter_file import (CONFIG_NAME, FORMAT, MAGNITUDE, METADATA_KEY, PREFIX,
                                    SCALING_KEYS, WEIGHTS_NAME, AdapterFile, AdapterModule,
                                    read_adapter, refuse_or_warn)
-from loracore.atomic import write_folder
+from loracore.atomic import write_bytes, write_folder
 from loracore.fingerprint import (base_fingerprint, compare_fingerprints, foreign_adapters,
                                   record_foreign)
 from loracore.layer import LoRALinear, check_adapter_name, is_linear
@@ -50,13 +50,27 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_file(tensors: dict[str, torch.Tensor], filename: str,
+              metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file`` (the same bytes), written with :func:`loracore.atomic.write_bytes`:
+    a full disk is then an ``OSError`` naming the file, where safetensors' own writer raises an
+    opaque ``SafetensorError``."""
+    write_bytes(Path(filename), serialize(tensors, metadata=metadata))
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+                 extra_files: dict[str, str] | None = None) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
     Returns the folder. Crash-safe: a crash or SIGKILL at any moment leaves the folder holding
     the complete previous adapter or the complete new one (see the module docstring); other
     files in the folder are kept. Everything is checked before the disk is touched, so a
-    refused save changes nothing. One writer per folder at a time.
+    refused save changes nothing; a write the disk refuses raises
+    :class:`loracore.atomic.DiskWriteError` naming the file and the cause. One writer per
+    folder at a time.
+
+    ``extra_files``: text files (name: content) written in the same atomic swap as the
+    adapter, so they always describe it (``loracore finetune``'s ``training_args.json``).
     """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
@@ -66,6 +80,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     folder = Path(os.path.realpath(path))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_adapter: {folder} is a file; give a folder path")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if (not isinstance(name, str) or name in (WEIGHTS_NAME, CONFIG_NAME) or name.startswith(".")
+                or os.sep in name or (os.altsep and os.altsep in name) or not name):
+            raise ValueError(f"save_adapter: extra_files: {name!r} is not a plain file name "
+                             f"beside {WEIGHTS_NAME} and {CONFIG_NAME}")
     foreign = foreign_adapters(model).get(adapter_name)
     if foreign:
         warnings.warn(f"save_adapter: adapter {adapter_name!r} was loaded (strict=False) onto a base "
@@ -130,7 +150,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     def write_files(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(config_text)
+        write_bytes(tmp / CONFIG_NAME, config_text.encode("utf-8"))
+        for name, text in extra_files.items():
+            write_bytes(tmp / name, text.encode("utf-8"))
 
     write_folder(folder, write_files)
     return folder

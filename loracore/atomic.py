@@ -14,11 +14,20 @@ Whatever moment a crash or SIGKILL hits, ``F`` or one of the hidden siblings hol
 folder, and :func:`recover` knows which: if ``F`` is missing, the complete new one (else the old
 one) takes its place, and every leftover is removed. Entries of the old folder that the new write
 does not replace carry over (as hard links), so a user's own files in ``F`` are kept (unless
-``keep_others=False``). One writer per folder at a time.
+``keep_others=False``). One writer per folder at a time. :func:`remove_folder` deletes a folder
+the same way: renamed aside first, so a crash never leaves half of it under its name.
+
+A write that the disk refuses (full, over a quota or the file-size limit, read-only, no
+permission) raises :class:`DiskWriteError`: one line naming the file and the cause in words,
+and what was kept. Files are written with :func:`write_bytes` (Python's own ``os.write``), so
+the operating system's error reaches here: safetensors' and ``torch.save``'s writers report a
+full disk as an opaque ``SafetensorError`` or "unexpected pos", so callers serialize to bytes
+first and write those.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -29,10 +38,63 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["write_folder", "recover", "atomic_write_text", "sha256_file", "STAGES"]
+__all__ = ["write_folder", "recover", "remove_folder", "atomic_write_text", "write_bytes",
+           "sha256_file", "DiskWriteError", "STAGES"]
 
 #: The moments of :func:`write_folder` at which :func:`_stage` is called (the crash tests kill there).
 STAGES = ("new-complete", "old-aside", "new-in-place")
+
+
+class DiskWriteError(OSError):
+    """A write the disk refused; ``str()`` is one line naming the file, the cause and what was
+    kept. ``errno`` is the operating system's."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+#: The causes a user can act on, in words (any other errno: the operating system's own words).
+_CAUSES = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the file system or this process's file-size "
+                 "limit allows (File too large)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def cause(exc: OSError) -> str:
+    """What went wrong in ``exc``, in words ("the disk is full (no space left on device)")."""
+    return _CAUSES.get(exc.errno, exc.strerror or str(exc))
+
+
+def disk_write_error(exc: OSError, path: Path | str, kept: str) -> DiskWriteError:
+    """``exc`` as a :class:`DiskWriteError`: "cannot write PATH: CAUSE; KEPT"."""
+    if isinstance(exc, DiskWriteError):
+        return exc
+    return DiskWriteError(exc.errno, f"cannot write {path}: {cause(exc)}; {kept}")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` with ``os.write`` (no sync: the caller syncs).
+    A refused write raises ``OSError`` with the file's name and the system's errno."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except OSError as exc:
+                exc.filename = str(path)
+                raise
+    finally:
+        os.close(fd)
 
 
 def _stage(name: str) -> None:
@@ -51,15 +113,20 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename: a crash leaves
     the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        write_bytes(Path(tmp), text.encode("utf-8"))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        kept = f"{path} is unchanged" if path.exists() else "nothing was written"
+        raise disk_write_error(exc, path, kept) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -73,8 +140,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _leftovers(folder: Path) -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.loracore-(tmp|new|old)-[0-9a-f]{{32}}")
+    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": [], "del": []}
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.loracore-(tmp|new|old|del)-[0-9a-f]{{32}}")
     if folder.parent.is_dir():
         for entry in folder.parent.iterdir():
             m = pattern.fullmatch(entry.name)
@@ -92,9 +159,20 @@ def recover(folder: Path) -> None:
             os.rename(complete, folder)
             fsync_dir(folder.parent)
             break
-    for entry in left["tmp"] + left["new"] + left["old"]:
+    for entry in left["tmp"] + left["new"] + left["old"] + left["del"]:
         if entry.exists():
             shutil.rmtree(entry)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete ``folder`` (and what an interrupted write of it left): renamed aside to a hidden
+    ``.F.loracore-del-<id>`` first, so a crash half-way never leaves half of it under its name."""
+    recover(folder)
+    if folder.is_dir():
+        aside = folder.parent / f".{folder.name}.loracore-del-{uuid.uuid4().hex}"
+        os.rename(folder, aside)
+        fsync_dir(folder.parent)
+        shutil.rmtree(aside)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -115,13 +193,27 @@ def write_folder(folder: Path, write_files: Callable[[Path], None], *,
     ``keep_others``: carry over the old folder's entries that the new write does not replace
     (a user's own files); ``False`` makes the new folder hold exactly what was written (a
     cache that must not mix two builds)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    recover(folder)
     token = uuid.uuid4().hex
     tmp = folder.parent / f".{folder.name}.loracore-tmp-{token}"
     new = folder.parent / f".{folder.name}.loracore-new-{token}"
     old = folder.parent / f".{folder.name}.loracore-old-{token}"
-    os.mkdir(tmp)
+
+    def refused(exc: OSError) -> DiskWriteError:
+        """Name the file as the user knows it: the one in ``folder`` the write would replace."""
+        name = str(exc.filename or "")
+        for hidden in (tmp, new):
+            if name == str(hidden) or name.startswith(f"{hidden}{os.sep}"):
+                name = str(folder) + name[len(str(hidden)):]
+        kept = (f"{folder} still holds its previous version" if folder.is_dir()
+                else "nothing was written")  # the write below puts the old folder back first
+        return disk_write_error(exc, name or folder, kept)
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        recover(folder)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise refused(exc) from None
     try:
         write_files(tmp)
         written = [p for p in tmp.iterdir() if p.is_file()]
@@ -136,11 +228,17 @@ def write_folder(folder: Path, write_files: Callable[[Path], None], *,
                     _link_or_copy(str(entry), str(tmp / entry.name))
         for path in written:
             with open(path, "rb") as f:
-                os.fsync(f.fileno())
+                try:
+                    os.fsync(f.fileno())  # where some file systems first report a full disk
+                except OSError as exc:
+                    exc.filename = str(path)
+                    raise
         fsync_dir(tmp)
         os.rename(tmp, new)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise refused(exc) from None
         raise
     fsync_dir(folder.parent)
     _stage("new-complete")
@@ -149,10 +247,12 @@ def write_folder(folder: Path, write_files: Callable[[Path], None], *,
             os.rename(folder, old)
             _stage("old-aside")
         os.rename(new, folder)
-    except BaseException:  # still running (not killed): put the previous folder back now
+    except BaseException as exc:  # still running (not killed): put the previous folder back now
         if not folder.exists() and old.exists():
             os.rename(old, folder)
         shutil.rmtree(new, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise refused(exc) from None
         raise
     fsync_dir(folder.parent)
     _stage("new-in-place")

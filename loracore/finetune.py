@@ -20,6 +20,12 @@ The data order is a function of ``--seed`` only (a seeded permutation per epoch)
 checkpoint needs to remember just where the stream stands. Checkpoints (``--save-every``) are
 written atomically (:mod:`loracore.checkpoint`), and ``--resume`` continues so that an
 interrupted run ends with the same adapter, bit for bit on the CPU, as one never stopped.
+
+The output folder's files always describe one adapter: ``training_args.json`` and
+``history.json`` are written in the same atomic folder write as the adapter's two files, at the
+end of a run, so a crash or a full disk leaves the previous four or the new four. While a run
+is under way its settings travel in its checkpoint (``state.json``), which is what ``--resume``
+compares with the command. Every failure is one line on stderr naming the file and the cause.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +43,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from loracore.argtypes import positive_float, positive_int
-from loracore.atomic import atomic_write_text, sha256_file
+from loracore.atomic import DiskWriteError, cause, remove_folder, sha256_file
 from loracore.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from loracore.data import DataError, collate, load_chat_jsonl, pad_token_id, tokenize_chat
 from loracore.train import lr_schedule, train_step
@@ -54,6 +59,9 @@ OUR_FILES = {ARGS_NAME, HISTORY_NAME, CHECKPOINT_NAME, "adapter_model.safetensor
 
 class FinetuneError(ValueError):
     """A problem with the command's input; the message says what and how to fix it."""
+
+
+START_AGAIN = "start the run again with --overwrite"
 
 
 # ---- arguments ----------------------------------------------------------------------------
@@ -153,27 +161,62 @@ def _check_out(args: argparse.Namespace, settings: dict[str, Any]) -> dict | Non
     out = args.out
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out {out} is a file; give a folder")
+    above = next(p for p in out.absolute().parents if p.exists())  # the root always exists
+    if not above.is_dir():
+        raise FinetuneError(f"--out {out}: {above} is a file, not a folder; give a folder path")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if args.resume:
-        if not (out / ARGS_NAME).is_file():
-            raise FinetuneError(f"--resume: {out} holds no {ARGS_NAME}, so no run to continue")
-        saved = json.loads((out / ARGS_NAME).read_text())
+        resumed = _read_checkpoint(out)
+        saved = resumed["state"].get("settings")
+        if saved is None:  # a checkpoint written before the settings travelled in it
+            saved = _read_json(out / ARGS_NAME)
         defaults = {"use_dora": False}  # runs saved before the option existed had none
         differ = [f"{k}: the checkpoint's run has {saved.get(k, defaults.get(k))!r}, this command "
                   f"{settings[k]!r}" for k in RUN_SETTINGS if saved.get(k, defaults.get(k)) != settings[k]]
         if differ:
             raise FinetuneError(f"--resume: {out} is a different run; resuming would not give "
                                 f"its result. Settings that differ:\n  - " + "\n  - ".join(differ))
-        try:
-            return read_checkpoint(out / CHECKPOINT_NAME)
-        except CheckpointError as exc:
-            raise FinetuneError(f"--resume: {exc}") from None
+        return resumed
     if held and not args.overwrite:
-        kind = "an earlier run" if ARGS_NAME in held else "files that are not a loracore run"
+        kind = ("an earlier run" if ARGS_NAME in held else "an unfinished run"
+                if CHECKPOINT_NAME in held else "files that are not a loracore run")
         raise FinetuneError(f"--out {out} already holds {kind} ({', '.join(held[:5])}"
                             f"{' ...' if len(held) > 5 else ''}); pass --resume to continue it, "
                             f"--overwrite to replace it, or choose an empty folder")
     return None
+
+
+def _read_checkpoint(out: Path) -> dict:
+    """The checkpoint in ``out``, checked (:func:`loracore.checkpoint.read_checkpoint`: every
+    file readable, plain tensors only, no NaN), or a :class:`FinetuneError` saying why not."""
+    folder = out / CHECKPOINT_NAME
+    if not folder.is_dir() and not any(out.glob(f".{CHECKPOINT_NAME}.loracore-*")):
+        finished = " (the run there finished: its adapter is saved)" if (out / ARGS_NAME).is_file() else ""
+        raise FinetuneError(f"--resume: no checkpoint folder at {folder}, so no run to continue"
+                            f"{finished}; checkpoints are written with --save-every")
+    try:
+        resumed = read_checkpoint(folder)
+    except CheckpointError as exc:
+        raise FinetuneError(f"--resume: {exc}; the checkpoint cannot be resumed: {START_AGAIN}") from None
+    state = resumed["state"]
+    if not (isinstance(state.get("step"), int) and isinstance(state.get("history"), dict)
+            and isinstance(state.get("settings", {}), dict)):
+        raise FinetuneError(f"--resume: {folder / 'state.json'} lacks the step, the history or the "
+                            f"settings of a run; {START_AGAIN}")
+    return resumed
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a :class:`FinetuneError` naming the file and the cause."""
+    if not path.is_file():
+        raise FinetuneError(f"--resume: {path.parent} holds no {path.name}, so no run to continue")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FinetuneError(f"--resume: {path} is not valid JSON ({exc}); {START_AGAIN}") from None
+    if not isinstance(value, dict):
+        raise FinetuneError(f"--resume: {path} does not hold the settings of a run; {START_AGAIN}")
+    return value
 
 
 # ---- model and data -----------------------------------------------------------------------
@@ -253,21 +296,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start_step = 0
     torch.manual_seed(args.seed * 1_000 + rank)  # dropout masks: different on every process
     if resumed is not None:
+        _check_resumed(resumed, named, args.out / CHECKPOINT_NAME, rank, world)
         with torch.no_grad():
             for name, p in named.items():
                 p.copy_(resumed["tensors"][name])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        try:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise FinetuneError(f"--resume: {args.out / CHECKPOINT_NAME / 'optimizer.pt'} does not "
+                                f"fit this run's optimizer ({exc}); {START_AGAIN}") from None
         start_step, history = resumed["state"]["step"], resumed["state"]["history"]
         torch.set_rng_state(resumed["rng"][rank]["cpu"])
         if device.type == "cuda" and resumed["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(resumed["rng"][rank]["cuda"], device)
     elif main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        # --overwrite: no checkpoint or history of the old run may mix into this one
-        shutil.rmtree(args.out / CHECKPOINT_NAME, ignore_errors=True)
-        (args.out / HISTORY_NAME).unlink(missing_ok=True)
-        atomic_write_text(args.out / ARGS_NAME, json.dumps(settings, indent=2) + "\n")
+        # --overwrite: the old run's checkpoint may not mix into this one. Its adapter, settings
+        # and history stay together until the end of this run replaces all four at once.
+        remove_folder(args.out / CHECKPOINT_NAME)
 
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
@@ -297,17 +344,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             history["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
             _save_checkpoint(args.out / CHECKPOINT_NAME, named, optimizer, scheduler, history,
-                             {"step": done, "next_example": done * args.grad_accum * args.batch_size},
+                             {"step": done, "next_example": done * args.grad_accum * args.batch_size,
+                              "settings": settings},
                              world, device, main_process)
     history["seconds"] += time.perf_counter() - started
     model.eval()
     if eval_batches is not None:
         _evaluate(model, eval_batches, history, args.steps, main_process)
     if main_process:
-        _finish(model, args, tokenizer, history)
+        _finish(model, args, tokenizer, history, settings)
     if world > 1:
         dist.barrier()
     return history
+
+
+def _check_resumed(resumed: dict, named: dict, folder: Path, rank: int, world: int) -> None:
+    """The checkpoint's tensors are this model's trainable ones, and its RNG states this
+    number of processes'."""
+    have = resumed["tensors"]
+    wrong = sorted(set(named) ^ set(have)) or [n for n in named if have[n].shape != named[n].shape]
+    if wrong:
+        raise FinetuneError(f"--resume: {folder / 'adapter.safetensors'} does not hold this run's "
+                            f"adapter (first difference: {wrong[0]!r}); {START_AGAIN}")
+    if len(resumed["rng"]) != world:
+        raise FinetuneError(f"--resume: the checkpoint in {folder} was written by "
+                            f"{len(resumed['rng'])} process(es), this run has {world}: resume "
+                            f"with the same number (torchrun --nproc_per_node)")
 
 
 def _tokenize(dataset, tokenizer, max_length: int) -> list[dict]:
@@ -345,13 +407,15 @@ def _save_checkpoint(folder: Path, named: dict, optimizer, scheduler, history: d
                          rng=states)
 
 
-def _finish(model, args: argparse.Namespace, tokenizer, history: dict) -> None:
+def _finish(model, args: argparse.Namespace, tokenizer, history: dict, settings: dict) -> None:
+    """The adapter, its settings and its history, in one atomic folder write; then the
+    checkpoint goes (a crash between the two leaves a finished run and a checkpoint of it)."""
     from loracore.adapters import save_adapter
 
     history["tokens_per_second"] = history["tokens"] / history["seconds"] if history["seconds"] else None
-    save_adapter(model, args.out)
-    atomic_write_text(args.out / HISTORY_NAME, json.dumps(history, indent=1) + "\n")
-    shutil.rmtree(args.out / CHECKPOINT_NAME, ignore_errors=True)  # the run is complete
+    save_adapter(model, args.out, extra_files={ARGS_NAME: json.dumps(settings, indent=2) + "\n",
+                                               HISTORY_NAME: json.dumps(history, indent=1) + "\n"})
+    remove_folder(args.out / CHECKPOINT_NAME)  # the run is complete
     final = f"final train loss {history['loss'][-1]:.4f}"
     if history["eval"]:
         final += f", held-out answer loss {history['eval'][-1]['loss']:.4f}"
@@ -374,6 +438,11 @@ def run_command(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"loracore finetune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk or the file system refused: not the command's fault
+        if int(os.environ.get("RANK", "0")) == 0:
+            words = str(exc) if isinstance(exc, DiskWriteError) else f"{exc.filename}: {cause(exc)}"
+            print(f"loracore finetune: error: {words}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
