@@ -7,7 +7,6 @@ test_serve_server.py.
 from __future__ import annotations
 
 import copy
-import json
 import threading
 
 import pytest
