@@ -191,7 +191,8 @@ def _read_checkpoint(out: Path) -> dict:
     file readable, plain tensors only, no NaN), or a :class:`FinetuneError` saying why not."""
     folder = out / CHECKPOINT_NAME
     if not folder.is_dir() and not any(out.glob(f".{CHECKPOINT_NAME}.loracore-*")):
-        finished = " (the run there finished: its adapter is saved)" if (out / ARGS_NAME).is_file() else ""
+        done = all((out / name).is_file() for name in (ARGS_NAME, "adapter_model.safetensors"))
+        finished = " (the run there finished: its adapter is saved)" if done else ""
         raise FinetuneError(f"--resume: no checkpoint folder at {folder}, so no run to continue"
                             f"{finished}; checkpoints are written with --save-every")
     try:

@@ -473,3 +473,15 @@ def test_save_adapter_extra_files_go_in_the_same_swap_and_bad_names_are_refused(
         with pytest.raises(ValueError, match="extra_files: .* is not a plain file name"):
             adapters.save_adapter(model, folder, extra_files={name: "x"})
     assert _tree(tmp_path) == before
+
+
+def test_resume_of_a_folder_with_settings_but_no_adapter_does_not_say_the_run_finished(tmp_path, capsys):
+    """A folder holding only a (damaged) training_args.json: no checkpoint to resume, and no
+    claim that an adapter was saved there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "training_args.json").write_text("{broken")
+    assert _run(out, "--steps", "2", "--resume") == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert "no checkpoint folder" in err and "its adapter is saved" not in err
+    assert [p.name for p in out.iterdir()] == ["training_args.json"]  # nothing written
