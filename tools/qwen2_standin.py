@@ -226,6 +226,8 @@ def build_standin(hf_home: Path, *, tied: bool = False, force: bool = False,
     """
     start = time.perf_counter()
     hf_home = Path(hf_home).expanduser()
+    if hf_home.exists() and not hf_home.is_dir():
+        raise NotADirectoryError(f"HF_HOME {hf_home} is a file, not a folder")
     _refuse_foreign(hf_home)  # before anything is written, even the lock file
     repo, rev = repo_dir(hf_home), standin_revision(tied)
     snapshot = repo / "snapshots" / rev
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         build_standin(args.hf_home, tied=args.tied, force=args.force, verbose=True)
-    except StandinRefused as exc:
+    except (StandinRefused, NotADirectoryError) as exc:
         print(f"qwen2_standin: refused: {exc}", file=sys.stderr)
         return 1
     return 0
