@@ -165,10 +165,23 @@ def test_the_qwen2_path_finds_it_in_a_fresh_process_and_says_it_is_a_stand_in(fa
     assert seen["line"].count("\n") == 1 and seen["line"].strip().endswith(STANDIN_NOTE)
 
 
-def test_the_usual_line_is_unchanged_without_a_stand_in(capsys):
-    loracore.models.load_base_model("tiny-qwen2")
-    line = capsys.readouterr().out
-    assert line.count("\n") == 1 and "stand-in" not in line
+def test_the_model_line_names_the_stand_in_only_when_the_cache_holds_one(
+        fake, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    models = loracore.models
+    monkeypatch.setattr(models, "_load_qwen2", lambda dtype: models.build_tiny_qwen2(dtype=dtype))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty for now
+    usual = "loracore: base model 'qwen2-0.5b': Qwen/Qwen2-0.5B-Instruct from the Hugging Face " \
+            "Hub (needs a network) (asked for by name)"
+    for name in ("qwen2-0.5b", "tiny-qwen2"):
+        models.load_base_model(name)
+    assert capsys.readouterr().out.splitlines() == [
+        usual, f"loracore: base model 'tiny-qwen2': {models.KNOWN_MODELS['tiny-qwen2']} "
+               "(asked for by name)"]
+    q.build_standin(tmp_path)
+    models.load_base_model("qwen2-0.5b")
+    assert capsys.readouterr().out == usual + STANDIN_NOTE + "\n"
 
 
 def test_a_complete_stand_in_is_reused_without_writing(fake, tmp_path, monkeypatch, capsys):
