@@ -20,15 +20,19 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from loracore.atomic import sha256_file, write_folder
 
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers are imported where a build needs them: checking a complete cache
+# (cache_problem, write_manifest) then takes a fraction of a second, not the seconds those
+# imports take (tools/qwen2_standin.py reuses its folder that way).
+
 __all__ = ["CACHE_FORMAT", "MANIFEST", "cache_root", "cache_problem", "cache_lock",
-           "build_gguf_cache"]
+           "write_manifest", "build_gguf_cache"]
 
 #: Bump when the cache layout changes, so old caches are rebuilt rather than misread.
 CACHE_FORMAT = 1
@@ -100,9 +104,15 @@ def _write_cache(folder: Path, model: torch.nn.Module, tokenizer, source: Path,
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    write_manifest(folder, source)
+
+
+def write_manifest(folder: Path, source: Path | str, **extra: object) -> None:
+    """Record the size and SHA-256 of every file in ``folder`` in its manifest, written last,
+    so that :func:`cache_problem` accepts the folder from now on; ``extra`` keys are stored too."""
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.is_file()}
-    manifest = {"format": CACHE_FORMAT, "source": str(source), "files": files}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": CACHE_FORMAT, "source": str(source), **extra, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -122,6 +132,9 @@ def build_gguf_cache(target: Path, gguf_path: Callable[[], Path], *, name: str,
     An existing cache that fails :func:`cache_problem` is rebuilt; the new folder replaces the
     old one whole (none of the old files stay), and only once it is complete.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with cache_lock(target.parent, name.lower()):
         problem = "rebuild requested" if force else cache_problem(target)
         if problem is None:

