@@ -126,8 +126,8 @@ class SlotStack:
         r = A.shape[0]
         self.A[slot].zero_()
         self.B[slot].zero_()
-        self.A[slot, :r] = A.to(self.A.dtype)
-        self.B[slot, :, :r] = B.to(self.B.dtype)
+        self.A[slot, :r] = A.to(self.A.device, self.A.dtype)  # the file's tensors are on the CPU
+        self.B[slot, :, :r] = B.to(self.B.device, self.B.dtype)
         self.scales[slot] = scale
         self.present[slot] = True
 
