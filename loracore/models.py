@@ -164,7 +164,7 @@ def resolve_device_dtype(device: str | torch.device | None = "auto",
     if where.type == "cpu" and chosen == torch.float16:
         warnings.warn(f"{say('dtype', 'float16')} on the CPU: most CPUs have no float16 matmul "
                       f"(slower than float32) and its range (at most 65504) can overflow; "
-                      f"{say('dtype', 'bfloat16')} or float32 are the CPU's choices", stacklevel=2)
+                      f"bfloat16 or float32 suit the CPU", stacklevel=2)
     if where.type == "cuda" and chosen == torch.bfloat16 and not _cuda_has_bf16():
         warnings.warn(f"{say('dtype', 'bfloat16')}: this GPU only emulates bfloat16 (compute "
                       f"capability below 8.0), slower than {say('dtype', 'float16')}", stacklevel=2)
