@@ -16,6 +16,10 @@ Three names, one function::
 With no name, ``LORACORE_BASE_MODEL`` decides, else :func:`resolve_model_name` picks
 Qwen2-0.5B when it is cached locally or the Hub answers quickly, and the offline model
 otherwise, printing one line that says which and why.
+
+Where it runs and in which dtype is one decision, :func:`resolve_device_dtype`, which
+:func:`pick_device` (the notebooks), ``python -m loracore.serve --device/--dtype`` and
+``loracore finetune --dtype`` all ask.
 """
 
 from __future__ import annotations
