@@ -64,7 +64,8 @@ class Decoder:
 
     Works where the model is (:attr:`device`, :attr:`dtype`: the CPU or a GPU, float32 or
     16-bit): every tensor it makes is created there, the caches hold the model's dtype, and
-    the logits it returns are float32. Raises ``TypeError`` for any other architecture, or for sliding-window attention.
+    the logits it returns are float32. Raises ``TypeError`` for any other architecture, or for
+    sliding-window attention.
     """
 
     def __init__(self, model: nn.Module) -> None:
