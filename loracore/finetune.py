@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--max-length", type=positive_int, default=256, help="longest example in tokens")
     a("--qlora", action="store_true", help="quantize the base to NF4 first (QLoRA)")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-      help="base model dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+      help="base model dtype (auto: bfloat16 on a GPU that computes it natively, else float32)")
     a("--seed", type=int, default=0, help="seeds the adapter's init and the data order")
     a("--save-every", type=positive_int, help="write a checkpoint every N steps")
     a("--eval-every", type=positive_int, help="evaluate on --eval every N steps")
@@ -122,8 +122,23 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def _dtype_name(choice: str, device: torch.device) -> str:
+    """``--dtype`` for this process's ``device``: ``auto`` is the serving and notebook decision
+    (:func:`loracore.models.resolve_device_dtype`), except where that is float16. Training
+    in float16 needs a loss scaler (its gradients underflow to zero below 6e-8, and
+    :func:`loracore.train.train_step` has no GradScaler), so a GPU without native bfloat16
+    trains in float32, slower but exact. The device itself stays the process's own (the local
+    rank's GPU under torchrun), so there is no ``--device``."""
+    if choice != "auto":
+        return choice
+    from loracore.models import resolve_device_dtype
+
+    _, dtype = resolve_device_dtype(device, "auto")
+    return "float32" if dtype == torch.float16 else str(dtype).removeprefix("torch.")
+
+
 def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = _dtype_name(args.dtype, device)
     targets = args.target_modules if args.target_modules == "all-linear" else sorted(
         t.strip() for t in args.target_modules.split(",") if t.strip())
     return {"model": args.model, "data": str(args.data), "data_sha256": sha256_file(args.data),

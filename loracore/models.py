@@ -16,6 +16,10 @@ Three names, one function::
 With no name, ``LORACORE_BASE_MODEL`` decides, else :func:`resolve_model_name` picks
 Qwen2-0.5B when it is cached locally or the Hub answers quickly, and the offline model
 otherwise, printing one line that says which and why.
+
+Where it runs and in which dtype is one decision, :func:`resolve_device_dtype`, which
+:func:`pick_device` (the notebooks), ``python -m loracore.serve --device/--dtype`` and
+``loracore finetune --dtype`` all ask.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,20 +72,121 @@ class BaseModelError(RuntimeError):
 
 # --------------------------------------------------------------------------- devices
 
+#: ``--dtype`` names (vLLM's spelling) and their torch dtypes; ``"auto"`` is decided by
+#: :func:`resolve_device_dtype`.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+#: The device names :func:`resolve_device_dtype` takes (``cuda:N`` for GPU number N).
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` lower-cased when it is one of :data:`DEVICE_NAMES` (``"cuda:1"`` included), else
+    ``ValueError``; says nothing about whether the device is present (argparse's check)."""
+    key = str(name).strip().lower()
+    if key in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", key):
+        return key
+    raise ValueError(f"unknown device {name!r}; expected one of auto, cpu, cuda, cuda:N, mps")
+
+
+def _cuda_has_bf16() -> bool:
+    """True when the GPU computes bfloat16 natively (compute capability 8.0 on, Ampere). torch's
+    own check also says yes where bfloat16 is only emulated (a T4, a V100), slower than float16."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.4: no such argument, and emulation did not count
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def _no_cuda_reason() -> str:
+    """Why CUDA cannot be used here, in words for the error message."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA"
+    return "no GPU found"
+
+
+def resolve_device_dtype(device: str | torch.device | None = "auto",
+                         dtype: str | torch.dtype | None = "auto", *,
+                         cli: bool = False) -> tuple[torch.device, torch.dtype]:
+    """The one decision of where a model runs and in which dtype; :func:`pick_device`,
+    ``python -m loracore.serve`` and ``loracore finetune`` all ask it.
+
+    ``auto`` device: CUDA when present, then Apple's MPS, else the CPU. ``auto`` dtype: on CUDA
+    bfloat16 where the GPU computes it natively, else float16; float32 on MPS and the CPU (CPUs
+    gain little from 16-bit matmuls and lose accuracy). float16 on the CPU works but is warned
+    about (``UserWarning``): most CPUs have no float16 matmul (slower than float32) and its range
+    (at most 65504) overflows where bfloat16's does not. bfloat16 on a GPU that only emulates
+    it is warned about too.
+
+    Args:
+        device: ``"auto"`` (or ``None``), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a
+            ``torch.device``.
+        dtype: ``"auto"`` (or ``None``), a name in :data:`DTYPES` or a ``torch.dtype``.
+        cli: word errors as command-line options (``--device cuda: ...; use --device cpu``)
+            instead of arguments (``device='cuda': ...; use device='cpu'``).
+
+    Returns:
+        ``(device, dtype)``, e.g. ``(device(type='cuda'), torch.bfloat16)``.
+
+    Raises:
+        ValueError: an unknown name, or a device this machine does not have (one line that
+            says why and what to use instead).
+    """
+    def say(option: str, value: object) -> str:
+        return f"--{option} {value}" if cli else f"{option}={str(value)!r}"
+
+    key = "auto" if device is None else check_device_name(str(device))
+    if key == "auto":
+        if torch.cuda.is_available():
+            key = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            key = "mps"
+        else:
+            key = "cpu"
+    elif key.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{say('device', key)}: CUDA is not available on this machine "
+                             f"({_no_cuda_reason()}); use {say('device', 'cpu')}")
+        index = int(key.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"{say('device', key)}: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s), numbered from 0; use {say('device', 'cuda:0')}")
+    elif key == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                               and torch.backends.mps.is_available()):
+        raise ValueError(f"{say('device', 'mps')}: Apple's MPS is not available on this machine; "
+                         f"use {say('device', 'cpu')}")
+    where = torch.device(key)
+
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        if where.type == "cuda":
+            chosen = torch.bfloat16 if _cuda_has_bf16() else torch.float16
+        else:
+            chosen = torch.float32
+    elif isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        chosen = dtype
+    elif isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        chosen = DTYPES[dtype.strip().lower()]
+    else:
+        raise ValueError(f"{say('dtype', dtype)}: unknown dtype; expected auto, "
+                         f"{', '.join(DTYPES)}")
+    if where.type == "cpu" and chosen == torch.float16:
+        warnings.warn(f"{say('dtype', 'float16')} on the CPU: most CPUs have no float16 matmul "
+                      f"(slower than float32) and its range (at most 65504) can overflow; "
+                      f"bfloat16 or float32 suit the CPU", stacklevel=2)
+    if where.type == "cuda" and chosen == torch.bfloat16 and not _cuda_has_bf16():
+        warnings.warn(f"{say('dtype', 'bfloat16')}: this GPU only emulates bfloat16 (compute "
+                      f"capability below 8.0), slower than {say('dtype', 'float16')}", stacklevel=2)
+    return where, chosen
+
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
-    """The device every notebook uses and its matching compute dtype.
+    """The device every notebook uses and its matching compute dtype:
+    :func:`resolve_device_dtype`'s ``auto`` for both.
 
-    CUDA when present (bfloat16 where the GPU supports it, else float16), then Apple's
-    MPS (float32), else the CPU (float32: CPUs gain little from 16-bit matmuls and
-    lose accuracy).
+    CUDA when present (bfloat16 where the GPU computes it natively, else float16), then Apple's
+    MPS (float32), else the CPU (float32: CPUs gain little from 16-bit matmuls and lose accuracy).
     """
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.device("cuda"), dtype
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps"), torch.float32
-    return torch.device("cpu"), torch.float32
+    return resolve_device_dtype("auto", "auto")
 
 
 # --------------------------------------------------------------------------- choice

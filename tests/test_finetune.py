@@ -276,3 +276,18 @@ def test_the_loracore_command_runs_it(tmp_path):
                           str(tmp_path / "o"), "--steps", "1"], env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "already holds an earlier run" in bad.stderr
+
+
+@pytest.mark.parametrize("machine, device, choice, want", [
+    (dict(cuda=False), "cpu", "auto", "float32"),
+    (dict(cuda=True, bf16=True), "cuda:0", "auto", "bfloat16"),   # as the server and pick_device()
+    (dict(cuda=True, bf16=False), "cuda:0", "auto", "float32"),   # they say float16: no GradScaler here
+    (dict(cuda=True, bf16=True, gpus=2), "cuda:1", "auto", "bfloat16"),  # torchrun's second process
+    (dict(cuda=False), "cpu", "bfloat16", "bfloat16"),
+    (dict(cuda=True, bf16=True), "cuda:0", "float32", "float32"),
+])
+def test_dtype_auto_is_the_serving_decision_except_float16(monkeypatch, machine, device, choice, want):
+    from test_models import fake_machine
+
+    fake_machine(monkeypatch, **machine)
+    assert finetune._dtype_name(choice, torch.device(device)) == want

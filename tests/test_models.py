@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -151,6 +152,92 @@ def test_pick_device_matches_the_machine():
         assert device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     else:
         assert device.type in ("cpu", "mps") and dtype == torch.float32
+
+
+def fake_machine(monkeypatch, *, cuda: bool, bf16: bool = True, gpus: int = 1, mps: bool = False,
+                 built_with_cuda: bool = True) -> None:
+    """Make torch see another machine. ``bf16``: the GPU computes bfloat16 natively; like
+    torch's own check, ``is_bf16_supported()`` says yes anyway unless asked without emulation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus if cuda else 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: bf16 or including_emulation)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.version, "cuda", "12.4" if built_with_cuda else None)
+
+
+@pytest.mark.parametrize("machine, want", [
+    (dict(cuda=False), ("cpu", torch.float32)),
+    (dict(cuda=False, mps=True), ("mps", torch.float32)),
+    (dict(cuda=True, bf16=True), ("cuda", torch.bfloat16)),
+    (dict(cuda=True, bf16=False), ("cuda", torch.float16)),    # a T4 or V100: bfloat16 is only emulated
+    (dict(cuda=True, bf16=True, mps=True), ("cuda", torch.bfloat16)),
+])
+def test_resolve_auto_and_pick_device_are_one_decision(monkeypatch, machine, want):
+    fake_machine(monkeypatch, **machine)
+    got = models.resolve_device_dtype()
+    assert (got[0].type, got[1]) == want
+    assert models.resolve_device_dtype(None, None) == got == pick_device()
+    assert models.resolve_device_dtype("AUTO", "auto") == got
+
+
+def test_resolve_works_with_a_torch_that_does_not_know_emulation(monkeypatch):
+    fake_machine(monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # torch < 2.4
+    assert models.resolve_device_dtype() == (torch.device("cuda"), torch.float16)
+
+
+def test_resolve_explicit_choices(monkeypatch):
+    fake_machine(monkeypatch, cuda=True, gpus=2)
+    assert models.resolve_device_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    assert models.resolve_device_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert models.resolve_device_dtype("cuda:1", "float32") == (torch.device("cuda:1"), torch.float32)
+    assert models.resolve_device_dtype(torch.device("cuda", 1), torch.float16) == (
+        torch.device("cuda:1"), torch.float16)
+    assert models.resolve_device_dtype("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
+
+
+def test_resolve_refuses_a_device_the_machine_lacks_in_one_line(monkeypatch):
+    fake_machine(monkeypatch, cuda=False, built_with_cuda=False)
+    with pytest.raises(ValueError) as e:
+        models.resolve_device_dtype("cuda", cli=True)
+    assert str(e.value) == (f"--device cuda: CUDA is not available on this machine "
+                            f"(torch {torch.__version__} was built without CUDA); use --device cpu")
+    with pytest.raises(ValueError, match=r"^device='cuda:0': CUDA is not available on this machine "
+                                         r"\(torch .* was built without CUDA\); use device='cpu'$"):
+        models.resolve_device_dtype("cuda:0")
+    fake_machine(monkeypatch, cuda=False, built_with_cuda=True)
+    with pytest.raises(ValueError, match=r"\(no GPU found\); use --device cpu$"):
+        models.resolve_device_dtype("cuda", cli=True)
+    with pytest.raises(ValueError, match=r"^--device mps: Apple's MPS is not available .*; use --device cpu$"):
+        models.resolve_device_dtype("mps", cli=True)
+    fake_machine(monkeypatch, cuda=True, gpus=2)
+    with pytest.raises(ValueError, match=r"^device='cuda:2': this machine has 2 GPU\(s\), numbered from 0"):
+        models.resolve_device_dtype("cuda:2")
+
+
+@pytest.mark.parametrize("device, dtype, match", [
+    ("tpu", "auto", r"unknown device 'tpu'; expected one of auto, cpu, cuda, cuda:N, mps"),
+    ("cuda:x", "auto", r"unknown device 'cuda:x'"),
+    ("cpu", "float64", r"^--dtype float64: unknown dtype; expected auto, float32, bfloat16, float16$"),
+    ("cpu", torch.int8, r"unknown dtype"),
+])
+def test_resolve_refuses_unknown_names(device, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        models.resolve_device_dtype(device, dtype, cli=True)
+
+
+def test_resolve_warns_about_float16_on_the_cpu_and_emulated_bfloat16(monkeypatch):
+    fake_machine(monkeypatch, cuda=True, bf16=False)
+    with pytest.warns(UserWarning, match=r"^dtype='float16' on the CPU: most CPUs have no float16 matmul"):
+        assert models.resolve_device_dtype("cpu", "float16") == (torch.device("cpu"), torch.float16)
+    with pytest.warns(UserWarning, match=r"this GPU only emulates bfloat16"):
+        assert models.resolve_device_dtype("cuda", "bfloat16")[1] == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the choices that need no warning give none
+        models.resolve_device_dtype("cpu", "bfloat16")
+        models.resolve_device_dtype("cuda", "float16")
+        models.resolve_device_dtype("auto", "auto")
 
 
 # --------------------------------------------------------------------------- the offline cache

@@ -3,6 +3,7 @@ error, streaming, and the official ``openai`` client against it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -38,12 +39,12 @@ def adapters(tmp_path_factory):
             "root": root}
 
 
-@pytest.fixture(scope="module")
-def server(adapters):
+@contextlib.contextmanager
+def running_server(args: list[str]):
+    """``python -m loracore.serve ARGS --host 127.0.0.1 --port FREE`` as a real process, until
+    /health answers; yields ``(url, proc)`` (its stdout is a pipe) and stops it afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "loracore.serve", "--model", "tiny-qwen2",
-           "--lora-modules", f"a={adapters['a']}", f"b={adapters['b']}",
-           "--max-loras", "2", "--host", HOST, "--port", str(port)]
+    cmd = [sys.executable, "-m", "loracore.serve", *args, "--host", HOST, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://{HOST}:{port}"
     try:
@@ -59,7 +60,7 @@ def server(adapters):
             if time.monotonic() > deadline:
                 raise TimeoutError("the server did not answer /health within 300 s")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -67,6 +68,13 @@ def server(adapters):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    with running_server(["--model", "tiny-qwen2", "--lora-modules", f"a={adapters['a']}",
+                         f"b={adapters['b']}", "--max-loras", "2"]) as (url, _):
+        yield url
 
 
 def post(url, path, body, **kw):

@@ -1,11 +1,29 @@
 """``python -m loracore.serve --model smollm2-135m --lora-modules capitals=PATH --port 8000``:
 an OpenAI-compatible server with vLLM's flag names (``--lora-modules``, ``--max-loras``,
-``--max-lora-rank``, ``--max-num-seqs``, ``--host``, ``--port``)."""
+``--max-lora-rank``, ``--max-num-seqs``, ``--device``, ``--dtype``, ``--host``, ``--port``).
+
+- ``--device {auto,cpu,cuda,cuda:N,mps}`` (default ``auto``: CUDA, else MPS, else the CPU) and
+  ``--dtype {auto,float32,bfloat16,float16}`` (default ``auto``: bfloat16 on a GPU that computes
+  it natively, float16 on an older GPU, float32 on MPS and the CPU) are decided by
+  :func:`loracore.models.resolve_device_dtype`, as every notebook's ``pick_device()`` is. A
+  device the machine does not have exits with status 2 and one line, before any model is loaded.
+- The startup line names the model, the device, the dtype, the adapters and the address.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+
+def _device_name(text: str) -> str:
+    from loracore.models import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=8, help="adapters resident at once (LRU beyond)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="highest adapter rank; slots are allocated at it")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    p.add_argument("--device", type=_device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                   help="where the model runs (default auto: CUDA, else MPS, else the CPU)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="the model's dtype (default auto: bfloat16 on a GPU that has it, float16 on "
+                        "an older GPU, float32 on MPS and the CPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args(argv)
@@ -29,6 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from loracore.models import resolve_device_dtype
+
+    # The device is checked before anything is loaded: a missing GPU is one line, not a traceback
+    # from deep inside the first forward pass.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            device, dtype = resolve_device_dtype(args.device, args.dtype, cli=True)
+        except ValueError as e:
+            print(f"loracore.serve: {e}", file=sys.stderr)
+            return 2
+    for w in caught:
+        print(f"loracore.serve: warning: {w.message}", file=sys.stderr)
     from loracore.extras import MissingExtra, require_extra
 
     try:
@@ -43,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from loracore.serve.registry import AdapterError, AdapterRegistry
     from loracore.serve.server import create_app
 
-    model, tokenizer = load_base_model(args.model)
+    model, tokenizer = load_base_model(args.model, dtype=dtype, device=device)
     base_name = args.served_model_name or args.model or resolve_model_name(None)[0]
     registry = AdapterRegistry(model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                base_name=base_name)
@@ -56,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     engine = Engine(model, tokenizer, registry, max_num_seqs=args.max_num_seqs)
     app = create_app(engine, base_name)
-    print(f"loracore.serve: {base_name} with adapters {registry.names()} on http://{args.host}:{args.port}",
-          flush=True)
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"loracore.serve: {base_name} on {device} in {dtype_name} with adapters {registry.names()} "
+          f"on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

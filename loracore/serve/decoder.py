@@ -62,7 +62,10 @@ class KVCache:
 class Decoder:
     """The decoder of ``model`` (a Llama/Qwen2-style causal LM), run request by request.
 
-    Raises ``TypeError`` for any other architecture, or for sliding-window attention.
+    Works where the model is (:attr:`device`, :attr:`dtype`: the CPU or a GPU, float32 or
+    16-bit): every tensor it makes is created there, the caches hold the model's dtype, and
+    the logits it returns are float32. Raises ``TypeError`` for any other architecture, or for
+    sliding-window attention.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -75,29 +78,37 @@ class Decoder:
             raise TypeError("Engine: sliding-window attention is not supported")
         self.model = model
         self.max_model_len = int(model.config.max_position_embeddings)
+        # every tensor the pass makes lives where the weights do; the key/value caches take the
+        # dtype of the projections that fill them, which is the model's
+        weight = inner.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
         with torch.no_grad():  # rotary cos/sin for every position, once (see the module docstring)
-            pos = torch.arange(self.max_model_len).unsqueeze(0)
-            probe = torch.zeros(1, 1, model.config.hidden_size, dtype=next(model.parameters()).dtype)
+            pos = torch.arange(self.max_model_len, device=self.device).unsqueeze(0)
+            probe = torch.zeros(1, 1, model.config.hidden_size, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, pos)
             self._cos, self._sin = cos[0], sin[0]                   # (max_len, head_dim)
 
     def prefill(self, ids: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
         """One new request's prompt ``ids: (n,)``, alone, under adapter ``slot`` (-1: the base),
-        into an empty ``cache``. Returns the logits of the next token ``(vocab,)``, float32."""
+        into an empty ``cache``. Returns the logits of the next token ``(vocab,)``, float32, on
+        the model's device."""
+        ids = ids.to(self.device)
         n = ids.numel()
-        slots = torch.tensor([slot])
+        slots = torch.tensor([slot], device=self.device)
 
         def whole(fn, x, _slots):  # the whole prompt as one row: (1, n, d)
             with use_slots(slots):
                 return fn(x.unsqueeze(0)).squeeze(0)
 
-        hidden = self._layers_forward(ids, torch.arange(n), [cache], [(0, n)], slots, whole)
+        hidden = self._layers_forward(ids, torch.arange(n, device=self.device), [cache], [(0, n)],
+                                      slots, whole)
         return whole(self.model.lm_head, hidden[-1:], slots)[0].float()
 
     def decode(self, ids: torch.Tensor, caches: list[KVCache], slots: torch.Tensor) -> torch.Tensor:
         """One token per request: ``ids: (B,)``, request ``i`` with ``caches[i]`` and adapter
-        ``slots[i]``. Returns the logits ``(B, vocab)``, float32."""
-        positions = torch.tensor([c.length for c in caches])
+        ``slots[i]``. Returns the logits ``(B, vocab)``, float32, on the model's device."""
+        ids, slots = ids.to(self.device), slots.to(self.device)
+        positions = torch.tensor([c.length for c in caches], device=self.device)
         hidden = self._layers_forward(ids, positions, caches, [(i, i + 1) for i in range(len(caches))],
                                       slots, _rowwise)
         return _rowwise(self.model.lm_head, hidden, slots).float()

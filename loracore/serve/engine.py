@@ -272,17 +272,20 @@ class Engine:
     # ---- the forward pass (loracore.serve.decoder) ----------------------------------------
     def _prefill(self, row: _Row) -> None:
         """Run one new request's prompt alone and sample its first token."""
-        logits = self.decoder.prefill(torch.tensor(row.req.prompt_ids), row.cache, row.slot)
-        self._emit(row, logits)
+        ids = torch.tensor(row.req.prompt_ids, device=self.decoder.device)
+        logits = self.decoder.prefill(ids, row.cache, row.slot)
+        self._emit(row, logits.cpu())  # sampled on the CPU, with the request's CPU generator
 
     def _decode_step(self) -> None:
         """Feed every running request's pending token; sample the next for each. A failure of
         the forward pass itself fails every request in it (the caller's handler): it belongs
         to no one request, and their caches may be half-written. Sampling fails one request."""
         rows = list(self._running)
-        ids = torch.tensor([r.pending for r in rows])
-        slots = torch.tensor([r.slot for r in rows])
-        logits = self.decoder.decode(ids, [r.cache for r in rows], slots)
+        ids = torch.tensor([r.pending for r in rows], device=self.decoder.device)
+        slots = torch.tensor([r.slot for r in rows], device=self.decoder.device)
+        # one copy of the whole batch's logits to the CPU per step (none on a CPU), where each
+        # request's own generator draws: a seed gives the same draw on every device
+        logits = self.decoder.decode(ids, [r.cache for r in rows], slots).cpu()
         self.steps += 1
         self.batch_sizes.append(len(rows))
         for i, row in enumerate(rows):

@@ -289,7 +289,8 @@ class AdapterRegistry:
             try:
                 for name in dict.fromkeys(a for a in adapters if a is not None):
                     held[name] = self.acquire(name)
-                slots = torch.tensor([-1 if a is None else held[a].slot for a in adapters])
+                slots = torch.tensor([-1 if a is None else held[a].slot for a in adapters],
+                                     device=self._device)
                 with use_slots(slots):
                     return self.model(input_ids=input_ids, **kwargs).logits
             finally:

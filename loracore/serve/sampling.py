@@ -54,7 +54,13 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator) -> int:
     """One token id from logits ``(vocab,)``: argmax when ``temperature == 0``, else a draw
     from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus.
-    Raises ``ValueError`` when the parameters (or the logits) give no distribution."""
+
+    Logits of any float dtype (bfloat16 too) on any device: the draw is made in float64 where
+    ``generator`` lives (the engine's are CPU generators), so a seed gives the same token on
+    every device for the same logits. Raises ``ValueError`` when the parameters (or the logits)
+    give no distribution."""
+    if logits.device != generator.device:  # multinomial refuses a generator on another device
+        logits = logits.to(generator.device)
     if temperature == 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / temperature, dim=-1)

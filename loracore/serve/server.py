@@ -19,7 +19,8 @@ request alone, with a 500 that names it (or an error event in its stream), and i
 get exactly the tokens they would get alone. A client that hangs up, streamed or not, stops
 its request's generation within about :data:`DISCONNECT_POLL_S`.
 
-The bodies and their rules are :mod:`loracore.serve.protocol`'s. Each route is a module-level
+``python -m loracore.serve`` starts it (its flags, ``--device`` and ``--dtype`` among them, are
+:mod:`loracore.serve.__main__`'s). The bodies and their rules are :mod:`loracore.serve.protocol`'s. Each route is a module-level
 handler on :data:`router`; the state they share (the engine and the base's name) is a
 :class:`ServerState` on ``app.state.serving``, set by :func:`create_app`.
 """
