@@ -46,8 +46,6 @@ def add_grade(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_grade(args: argparse.Namespace) -> int:
-    import os
-
     from loracore.extras import MissingExtra, require_extra
 
     try:  # before any work: a package missing at the chart would waste the whole run
@@ -57,9 +55,10 @@ def run_grade(args: argparse.Namespace) -> int:
         return 2
     from loracore.grade import LABS_DIR, Limits, grade
     from loracore.grade.gradebook import summary_markdown, write_chart, write_csv, write_feedback
+    from loracore.grade.run import threads_per_job
 
     limits = Limits(timeout=args.timeout, memory_mb=args.memory,
-                    threads=max(1, (os.cpu_count() or 1) // args.jobs))
+                    threads=threads_per_job(args.jobs))
 
     def progress(done: int, total: int, r) -> None:  # type: ignore[no-untyped-def]
         print(f"[{done}/{total}] {r.submission}: {r.total():g} points ({r.status}, {r.seconds:.0f} s)",

@@ -255,6 +255,21 @@ def test_the_grader_knows_where_the_model_cache_lock_is():
     assert model_cache_lock() == cache_root() / ".smollm2.lock"
 
 
+@pytest.mark.parametrize("omp, jobs, cores, expected", [
+    (None, 1, 8, 8), (None, 2, 8, 4), (None, 3, 8, 2), (None, 16, 8, 1),
+    ("1", 1, 8, 1), ("2", 1, 8, 2), ("16", 2, 8, 4), ("", 2, 8, 4), ("many", 1, 8, 8), ("0", 1, 8, 8)])
+def test_kernels_share_the_cores_and_never_exceed_the_callers_omp_num_threads(monkeypatch, omp, jobs,
+                                                                              cores, expected):
+    from loracore.grade.run import threads_per_job
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert threads_per_job(jobs) == expected
+
+
 # --------------------------------------------------------------------------- gradebook files
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from loracore.grade.labs import LABS_DIR, Exercise, Lab, find_lab
-from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict
+from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict, threads_per_job
 from loracore.grade.sandbox import kill_descendants
 
 __all__ = ["grade", "find_submissions", "find_lab", "Lab", "Exercise", "Limits", "Result",
@@ -173,14 +173,14 @@ def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
     """Grade every notebook in ``submissions`` for ``lab``; ``jobs`` of them at a time.
 
     Each runs in a process of its own (see :mod:`loracore.grade.run`); results come back
-    sorted by path, the same for any ``jobs``. Torch gets ``cores // jobs`` threads per kernel.
+    sorted by path, the same for any ``jobs``. Torch gets :func:`~loracore.grade.run.threads_per_job` threads per kernel.
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"loracore grade: --jobs must be a whole number >= 1, got {jobs!r}")
     lab = lab if isinstance(lab, Lab) else find_lab(lab, labs_dir)
     paths = find_submissions(submissions)
     if limits is None:
-        limits = Limits(threads=max(1, (os.cpu_count() or 1) // jobs))
+        limits = Limits(threads=threads_per_job(jobs))
     if paths:
         prepare_model_cache()
     results: list[Result] = []
