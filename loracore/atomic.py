@@ -14,8 +14,14 @@ Whatever moment a crash or SIGKILL hits, ``F`` or one of the hidden siblings hol
 folder, and :func:`recover` knows which: if ``F`` is missing, the complete new one (else the old
 one) takes its place, and every leftover is removed. Entries of the old folder that the new write
 does not replace carry over (as hard links), so a user's own files in ``F`` are kept (unless
-``keep_others=False``). One writer per folder at a time. :func:`remove_folder` deletes a folder
-the same way: renamed aside first, so a crash never leaves half of it under its name.
+``keep_others=False``). :func:`remove_folder` deletes a folder the same way: renamed aside first,
+so a crash never leaves half of it under its name.
+
+Writers, removers and :func:`recover` hold an exclusive lock (``flock``) on the parent folder for
+the whole of their work, so two saves of one folder at once (two processes, two threads) run one
+after the other, and a reader's :func:`recover` never removes a live writer's hidden folder. The
+lock goes with the process: a killed writer holds nothing. (Where ``fcntl`` is missing, Windows,
+there is no lock: one writer per folder at a time.)
 
 A write that the disk refuses (full, over a quota or the file-size limit, read-only, no
 permission) raises :class:`DiskWriteError`: one line naming the file and the cause in words,
@@ -34,9 +40,16 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["write_folder", "recover", "remove_folder", "atomic_write_text", "write_bytes",
            "sha256_file", "DiskWriteError", "STAGES"]
@@ -150,9 +163,45 @@ def _leftovers(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+_held = threading.local()  # this thread's locks: parent folder -> how many times entered
+
+
+@contextmanager
+def _parent_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder``'s parent (re-entrant within a thread)."""
+    parent = os.path.realpath(folder.parent)
+    depth: dict[str, int] = _held.__dict__.setdefault("depth", {})
+    if fcntl is None or depth.get(parent) or not os.path.isdir(parent):
+        depth[parent] = depth.get(parent, 0) + 1
+        try:
+            yield
+        finally:
+            depth[parent] -= 1
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            pass
+        depth[parent] = 1
+        try:
+            yield
+        finally:
+            depth[parent] = 0
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def recover(folder: Path) -> None:
     """Finish or undo an interrupted :func:`write_folder` of ``folder`` and remove its hidden
-    leftovers: if the folder is missing, the complete new one (else the old one) takes its place."""
+    leftovers: if the folder is missing, the complete new one (else the old one) takes its place.
+    Waits for a write of ``folder`` (or a sibling) in progress to end first."""
+    with _parent_lock(folder):
+        _recover(folder)
+
+
+def _recover(folder: Path) -> None:
     left = _leftovers(folder)
     if not folder.exists():
         for complete in left["new"] + left["old"]:
@@ -167,7 +216,12 @@ def recover(folder: Path) -> None:
 def remove_folder(folder: Path) -> None:
     """Delete ``folder`` (and what an interrupted write of it left): renamed aside to a hidden
     ``.F.loracore-del-<id>`` first, so a crash half-way never leaves half of it under its name."""
-    recover(folder)
+    with _parent_lock(folder):
+        _remove_folder(folder)
+
+
+def _remove_folder(folder: Path) -> None:
+    _recover(folder)
     if folder.is_dir():
         aside = folder.parent / f".{folder.name}.loracore-del-{uuid.uuid4().hex}"
         os.rename(folder, aside)
@@ -193,6 +247,15 @@ def write_folder(folder: Path, write_files: Callable[[Path], None], *,
     ``keep_others``: carry over the old folder's entries that the new write does not replace
     (a user's own files); ``False`` makes the new folder hold exactly what was written (a
     cache that must not mix two builds)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_write_error(exc, folder, "nothing was written") from None
+    with _parent_lock(folder):
+        _write_folder(folder, write_files, keep_others)
+
+
+def _write_folder(folder: Path, write_files: Callable[[Path], None], keep_others: bool) -> None:
     token = uuid.uuid4().hex
     tmp = folder.parent / f".{folder.name}.loracore-tmp-{token}"
     new = folder.parent / f".{folder.name}.loracore-new-{token}"
@@ -209,8 +272,7 @@ def write_folder(folder: Path, write_files: Callable[[Path], None], *,
         return disk_write_error(exc, name or folder, kept)
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        recover(folder)
+        _recover(folder)
         os.mkdir(tmp)
     except OSError as exc:
         raise refused(exc) from None
