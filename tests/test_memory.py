@@ -4,6 +4,9 @@ relations any reader would expect (LoRA below full, FSDP dividing, 8-bit below 3
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -202,3 +205,41 @@ def test_bad_shapes_are_refused():
         ModelShape("broken", 32000, 0, 11008, 32, 32, 32)
     with pytest.raises(ValueError, match="heads"):
         ModelShape("broken", 32000, 4096, 11008, 32, 30, 32)
+
+
+# ---- the lessons use it -------------------------------------------------------------------
+LESSONS = Path(__file__).resolve().parent.parent / "lessons"
+
+
+def _lesson(name: str) -> tuple[str, str]:
+    """(code of every cell, every stored text output) of ``lessons/name``."""
+    cells = json.loads((LESSONS / name).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    outs = "\n".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code"
+                     for o in c.get("outputs", []))
+    return code, outs
+
+
+def test_lessons_03_07_and_11_show_the_functions_figures():
+    def t(shape, method, **kw):
+        return training_memory(shape, method, r=16, **kw).total / GB
+
+    expected = {
+        "03_lora_in_a_transformer.ipynb": [f"{t(LLAMA_2_7B, 'full'):,.0f} GB",
+                                           f"{t(LLAMA_2_70B, 'full'):,.0f} GB",
+                                           f"{t(LLAMA_2_7B, 'lora'):,.1f} GB",
+                                           f"{t(LLAMA_2_70B, 'qlora'):,.1f} GB"],
+        "07_paged_optimizers.ipynb": [f"{t(LLAMA_2_70B, 'full'):,.0f}",
+                                      f"{t(LLAMA_2_70B, 'full', optimizer='adamw8bit'):,.0f}",
+                                      f"{t(LLAMA_2_70B, 'lora'):,.0f}"],
+        "11_beyond_one_machine.ipynb": [f"{t(LLAMA_2_7B, 'full'):9,.1f}",
+                                        f"{t(LLAMA_2_70B, 'full'):9,.1f}",
+                                        f"{t(LLAMA_2_70B, 'lora', n_gpus=8, sharded=True):9,.1f}",
+                                        f"{t(LLAMA_2_70B, 'qlora', n_gpus=2, sharded=True):9,.1f}"],
+    }
+    for name, figures in expected.items():
+        code, outs = _lesson(name)
+        assert "training_memory(" in code, f"{name} no longer computes its memory figures with training_memory"
+        assert "GB = 1e9" not in code, f"{name} defines its own GB: use loracore.memory.GB"
+        missing = [f for f in figures if f not in outs]
+        assert not missing, f"{name}'s stored outputs lack {missing}: rerun it (make execute NB=lessons/{name})"
