@@ -12,6 +12,8 @@ The modules in the order the course teaches them (the lesson that meets each, in
 - ``adapter_file``: the adapter file format (PEFT's) and its pure, checking reader [03];
 - ``adapters``: adapters saved, and loaded into a model (read, check the base, apply) [03];
 - ``fingerprint``: the base model an adapter belongs to, and mismatches on load [03];
+- ``memory``: training memory by arithmetic, for 7B and 70B, full, LoRA and QLoRA, on
+  one GPU or sharded [03, 07, 11];
 - ``data``: chat-format JSONL to padded training batches [04];
 - ``train``: the training loop and its one step; LoRA+ parameter groups [04];
 - ``dora``: DoRA's magnitude and direction, as pure functions [04];
