@@ -40,7 +40,8 @@ def base_for_adapter(config: dict) -> str | None:
 
 
 def _load_base(base: str, dtype):  # type: ignore[no-untyped-def]
-    """(model, tokenizer) for ``--base``: a course model name, else a local model folder."""
+    """(model, tokenizer) for ``--base``: a course model name, else a local model folder
+    (tokenizer ``None`` when the folder has none)."""
     from loracore.models import KNOWN_MODELS, load_base_model
 
     if base.lower() in KNOWN_MODELS:
@@ -50,7 +51,9 @@ def _load_base(base: str, dtype):  # type: ignore[no-untyped-def]
                          f"a local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval(), AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
+    has_tokenizer = any((Path(base) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return model, AutoTokenizer.from_pretrained(base) if has_tokenizer else None
 
 
 def run_merged(args: argparse.Namespace) -> int:
