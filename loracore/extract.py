@@ -172,7 +172,8 @@ def extract_lora(tuned: nn.Module, base: nn.Module, r: int | None = None,
             continue
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         # singular values below this are the rounding of the stored weights, not an update
-        tol = S[0].item() * max(delta.shape) * torch.finfo(w_base.dtype).eps
+        eps = max(torch.finfo(w_base.dtype).eps, torch.finfo(w_tuned.dtype).eps)
+        tol = S[0].item() * max(delta.shape) * eps
         k = min(r, S.numel()) if r is not None else rank_for_energy(S, energy, tol)
         # the dtype LoRALinear gives adapters: the base's, float32 on a 16-bit base
         dtype = torch.float32 if w_base.dtype in (torch.bfloat16, torch.float16) else w_base.dtype

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as serialize
@@ -38,6 +39,9 @@ from torch import nn
 from loracore.atomic import write_bytes, write_folder
 from loracore.layer import LoRALinear, is_float_linear, is_linear
 from loracore.surgery import lora_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["merge_and_save", "merged_state_dict", "WEIGHTS_FILE"]
 
@@ -55,8 +59,10 @@ def _refuse_quantized(model: nn.Module) -> None:
                     f"merge_and_save: module {name!r} is a {type(base).__name__}, stored "
                     f"quantized (e.g. NF4): W + ΔW cannot be written into packed codes, and "
                     f"rounding the merged weight back to 4 bits makes another model. Dequantize "
-                    f"first: load the float base (load_base_model(..., dtype=torch.float32)), "
-                    f"load_adapter() the QLoRA adapter onto it, then merge_and_save that model")
+                    f"first: save_adapter() the QLoRA adapter, load the float base "
+                    f"(load_base_model(..., dtype=torch.float32)), load_adapter() the adapter onto "
+                    f"it and merge_and_save that model; `loracore export merged ADAPTER --out "
+                    f"FOLDER` does those steps")
 
 
 def _plan(model: nn.Module, adapter_names: list[str] | None) -> dict[str, list[str]]:
@@ -183,8 +189,8 @@ def _check_folder(folder: Path, overwrite: bool) -> None:
                               f"or pass overwrite=True (--overwrite) to replace it whole")
 
 
-def merge_and_save(model: nn.Module, folder: str | os.PathLike, *, tokenizer=None,
-                   adapter_names: list[str] | None = None, overwrite: bool = False) -> Path:
+def merge_and_save(model: nn.Module, folder: str | os.PathLike, *,
+                   tokenizer: PreTrainedTokenizerBase | None = None, adapter_names: list[str] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` with its adapters merged into a transformers model folder; return it.
 
     ``folder`` gets ``config.json``, ``generation_config.json`` (when the model has one),

@@ -25,8 +25,9 @@ from transformers import AutoModelForCausalLM
 import loracore.merged as merged_module
 from loracore.adapters import save_adapter
 from loracore.cli import main
+from loracore.export import base_for_adapter
 from loracore.merged import merge_and_save
-from loracore.models import build_tiny_qwen2, load_base_model
+from loracore.models import QWEN2_REPO, build_tiny_qwen2, load_base_model, smollm2_cache_dir
 from loracore.qlora import quantize_model
 from loracore.surgery import inject, lora_layers, merge_adapters
 
@@ -189,13 +190,20 @@ def test_refusals_write_nothing_and_change_nothing(tmp_path):
     assert "notes.txt" not in {p.name for p in full.iterdir()}  # replaced whole
 
 
-def test_a_4bit_base_is_refused_with_the_way_out(tmp_path):
-    model = tiny_qwen2()
+def test_a_4bit_base_is_refused_with_the_way_out(tmp_path, capsys):
+    model, _ = load_base_model("tiny-qwen2", verbose=False)
     quantize_model(model)
     adapted(model)
     with pytest.raises(TypeError, match="Linear4bit, stored quantized.*Dequantize first.*load_adapter"):
         merge_and_save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # the way out it names: the QLoRA adapter merged into the float base
+    save_adapter(model, tmp_path / "qlora")
+    assert main(["export", "merged", str(tmp_path / "qlora"), "--out", str(tmp_path / "out"),
+                 "--base", "tiny-qwen2"]) == 0, capsys.readouterr().err
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    reference = peft_merged(load_base_model("tiny-qwen2", verbose=False)[0], tmp_path / "qlora")
+    assert torch.equal(logits(reloaded), logits(reference))
 
 
 def test_the_command(tmp_path, capsys):
@@ -231,3 +239,14 @@ def test_the_command(tmp_path, capsys):
     assert "different base model" in refused(str(tmp_path / "adapter"), "--out", str(tmp_path / "x"),
                                              "--base", str(tmp_path / "other"))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_base_an_adapter_config_names(tmp_path):
+    def named(value):
+        return base_for_adapter({"base_model_name_or_path": value})
+
+    assert named(QWEN2_REPO) == "qwen2-0.5b"
+    assert named(str(smollm2_cache_dir())) == "smollm2-135m"  # where save_adapter records it
+    assert named("tiny-qwen2") == "tiny-qwen2"
+    assert named(str(tmp_path)) == str(tmp_path)  # a local model folder
+    assert named(None) is None and named("") is None and named("someone/else") is None
