@@ -190,7 +190,8 @@ def _check_folder(folder: Path, overwrite: bool) -> None:
 
 
 def merge_and_save(model: nn.Module, folder: str | os.PathLike, *,
-                   tokenizer: PreTrainedTokenizerBase | None = None, adapter_names: list[str] | None = None, overwrite: bool = False) -> Path:
+                   tokenizer: PreTrainedTokenizerBase | None = None,
+                   adapter_names: list[str] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` with its adapters merged into a transformers model folder; return it.
 
     ``folder`` gets ``config.json``, ``generation_config.json`` (when the model has one),

@@ -250,3 +250,21 @@ def test_the_base_an_adapter_config_names(tmp_path):
     assert named("tiny-qwen2") == "tiny-qwen2"
     assert named(str(tmp_path)) == str(tmp_path)  # a local model folder
     assert named(None) is None and named("") is None and named("someone/else") is None
+
+
+def test_a_bfloat16_model_is_written_in_bfloat16_as_peft_merges_it(tmp_path):
+    """Weights only: a bf16 model built by ``.to(bfloat16)`` keeps its rotary frequencies in
+    bf16, where ``from_pretrained(dtype=bfloat16)`` keeps them in float32, so the two models'
+    logits differ for a reason that has nothing to do with merging."""
+    model, _ = load_base_model("tiny-qwen2", dtype=torch.bfloat16, verbose=False)
+    adapted(model)  # adapters in float32 on the bf16 base
+    save_adapter(model, tmp_path / "adapter")
+    out = merge_and_save(model, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    written = load_file(out / "model.safetensors")
+    reference = peft_merged(load_base_model("tiny-qwen2", dtype=torch.bfloat16, verbose=False)[0],
+                            tmp_path / "adapter").state_dict()
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert written.keys() == reference.keys() - {"lm_head.weight"}
+    for key, tensor in written.items():
+        assert torch.equal(tensor, reference[key]), key

@@ -57,7 +57,8 @@ def with_update(model, ranks: dict[str, int], seed: int = 1) -> dict[str, torch.
             leaf = name.rpartition(".")[2]
             if leaf in ranks and isinstance(module, torch.nn.Linear):
                 out, inp = module.weight.shape
-                delta = (torch.randn(out, ranks[leaf], generator=g) @ torch.randn(ranks[leaf], inp, generator=g)) * 0.01
+                k = ranks[leaf]
+                delta = (torch.randn(out, k, generator=g) @ torch.randn(k, inp, generator=g)) * 0.01
                 module.weight += delta
                 added[name] = delta
     return added
