@@ -26,6 +26,8 @@ The modules in the order the course teaches them (the lesson that meets each, in
 - ``optim``: paged and 8-bit AdamW, on ``paging`` and ``quant8`` [07];
 - ``merge``: task arithmetic, TIES and DARE, as pure functions on tensors [08];
 - ``combine``: a model's adapters combined into one new adapter [08];
+- ``merged``: a model with its adapters merged in, saved as a plain transformers folder;
+- ``extract``: an adapter extracted from two models' weight difference by truncated SVD;
 - ``serve``: many adapters on one base: registry, mixed batches, engine, decoder, HTTP server [09];
 - ``checkpoint``: training checkpoints that resume to the same result bit for bit [11];
 - ``finetune``: ``loracore finetune``, on one device or many [11].
@@ -35,6 +37,7 @@ Around the lessons:
 - ``selfcheck`` and ``checks``: the labs' exercise checks and their friendly failures;
 - ``grade``: ``loracore grade``, learners' lab notebooks graded in bulk, sandboxed;
 - ``cli`` and ``__main__``: the ``loracore`` command and its subcommands;
+- ``export``: ``loracore export``, an adapter turned into what another program runs;
 - ``atomic``: crash-safe writes, a file or a folder replaced completely or not at all;
 - ``argtypes``: the command line's positive numbers (finite, above zero);
 - ``bench``: medians of repeated timings, one JSON result per benchmark;

@@ -1,4 +1,4 @@
-"""The ``loracore`` command: one subcommand per task (``grade``, ``finetune``).
+"""The ``loracore`` command: one subcommand per task (``grade``, ``finetune``, ``export``).
 
 A subcommand is a module-level ``add_NAME(subparsers)`` that declares its arguments and sets
 ``func``, the function that runs it and returns the exit status; :data:`SUBCOMMANDS` lists
@@ -6,6 +6,7 @@ them. A new one (``finetune``, ``serve``) is one more such function and one more
 
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
     loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
+    loracore export merged runs/x --out merged/x
 """
 
 from __future__ import annotations
@@ -99,8 +100,18 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    from loracore.export import add_arguments
+
+    p = subparsers.add_parser(
+        "export", help="turn an adapter into what another program runs (a merged model folder)",
+        description="Export an adapter folder for another program: `merged` writes the base "
+                    "model with the adapter merged in, as a plain transformers folder.")
+    add_arguments(p)
+
+
 #: Each adds one subcommand to the parser.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade, add_finetune]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade, add_finetune, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

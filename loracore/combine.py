@@ -32,7 +32,7 @@ from loracore.fingerprint import foreign_adapters
 from loracore.layer import LoRALinear, check_adapter_name
 from loracore.surgery import all_or_nothing, lora_layers
 
-__all__ = ["combine_adapters", "combined_delta", "refactorize", "refactorize_sum",
+__all__ = ["combine_adapters", "combined_delta", "refactorize", "refactorize_sum", "split_svd",
            "COMBINATION_TYPES", "DEFAULT_DENSITY"]
 
 #: combination_type -> what it does to the list of ΔWs ("linear" is task arithmetic)
@@ -53,7 +53,7 @@ def refactorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     ``A: (rank, in)``, ``B: (out, rank)`` and ``B @ A`` the truncated SVD. The singular values
     are split as ``sqrt(S)`` on each side, so A and B are of similar size. Dense SVD."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return _split(U, S, Vh, rank)
+    return split_svd(U, S, Vh, rank)
 
 
 def refactorize_sum(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], rank: int
@@ -72,11 +72,14 @@ def refactorize_sum(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], rank
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    return _split(Qb @ U, S, Vh @ Qa.T, rank)
+    return split_svd(Qb @ U, S, Vh @ Qa.T, rank)
 
 
-def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of rank ``k = min(rank, len(S))`` from an SVD ``U @ diag(S) @ Vh`` of an
+    ``(out, in)`` matrix (``U: (out, n)``, ``S: (n,)``, ``Vh: (n, in)``): ``A = sqrt(S_k) Vh_k``
+    ``(k, in)`` and ``B = U_k sqrt(S_k)`` ``(out, k)``, so ``B @ A`` is the rank-k truncation."""
     k = min(rank, S.numel())
     root = S[:k].sqrt()
     return root[:, None] * Vh[:k], U[:, :k] * root

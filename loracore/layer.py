@@ -309,6 +309,26 @@ class LoRALinear(nn.Module):
         return merged.to(original.dtype)
 
     @torch.no_grad()
+    def merged_weight(self, names: list[str] | None = None) -> torch.Tensor:
+        """The base weight with adapters ``names`` merged in, ``(out_features, in_features)`` in
+        the base dtype, computed on a copy: the layer is not changed. Exactly what :meth:`merge`
+        would write (the same function of the original weight and the names).
+
+        ``names`` default: what the layer computes now, its merged adapters then its active
+        unmerged ones (none while disabled). Given ``names`` are merged onto the *original*
+        weight, whatever is merged in the layer now. Refused for a quantized base."""
+        weight = self._base_weight("merged_weight")
+        if names is None:
+            names = [] if self.disabled else self.merged_adapters + [
+                n for n in self.active_adapters if n not in self.merged_adapters]
+        names = list(names)
+        self._check_names(names, "merged_weight")
+        original = weight.detach() if self._unmerged_weight is None else self._unmerged_weight
+        if not names:
+            return original.clone()
+        return self._merged_weight(original, names)
+
+    @torch.no_grad()
     def merge(self, names: list[str] | str | None = None, safe: bool = True) -> None:
         """Add ``ΔW`` of ``names`` (default: the active adapters) into the base weight.
 

@@ -24,7 +24,8 @@ from loracore.fingerprint import forget_foreign
 from loracore.layer import LoRALinear, check_adapter_args, is_float_linear, is_linear
 
 __all__ = [
-    "inject", "inject_modules", "lora_layers", "linear_layer_names", "trainable_parameters", "set_adapter",
+    "inject", "inject_modules", "target_names", "lora_layers", "linear_layer_names",
+    "trainable_parameters", "set_adapter",
     "disable_adapters", "merge_adapters", "unmerge_adapters", "delete_adapter", "remove_lora",
     "all_or_nothing", "replace_module",
 ]
@@ -106,30 +107,30 @@ def _inside_lora(name: str, model: nn.Module) -> bool:
     return False
 
 
-def _check_targets(target_modules: object) -> list[str] | str:
+def _check_targets(target_modules: object, where: str = "inject") -> list[str] | str:
     """``target_modules`` as inject() reads it, or a clear error naming the fix."""
     if isinstance(target_modules, str):
         if not target_modules:
-            raise ValueError('inject: target_modules is an empty string; pass layer names such as '
+            raise ValueError(f'{where}: target_modules is an empty string; pass layer names such as '
                              '["q_proj", "v_proj"], "all-linear", or a regex over full names')
         if target_modules != "all-linear":
             try:
                 re.compile(target_modules)
             except re.error as e:
-                raise ValueError(f"inject: target_modules {target_modules!r} is not a valid regular "
+                raise ValueError(f"{where}: target_modules {target_modules!r} is not a valid regular "
                                  f"expression ({e}). A single string is a regex over full module "
                                  f"names; for layer names pass a list such as ['q_proj']") from None
         return target_modules
     if not isinstance(target_modules, (list, tuple, set)):
-        raise TypeError(f"inject: target_modules must be a list of layer names such as "
+        raise TypeError(f"{where}: target_modules must be a list of layer names such as "
                         f'["q_proj", "v_proj"], "all-linear", or a regex string; got '
                         f"{type(target_modules).__name__} {target_modules!r}")
     if not target_modules:
-        raise ValueError("inject: target_modules is empty; pass layer names such as "
+        raise ValueError(f"{where}: target_modules is empty; pass layer names such as "
                          '["q_proj", "v_proj"] or "all-linear"')
     bad = [t for t in target_modules if not isinstance(t, str) or not t]
     if bad:
-        raise TypeError(f"inject: every entry of target_modules must be a non-empty layer name "
+        raise TypeError(f"{where}: every entry of target_modules must be a non-empty layer name "
                         f"string; got {bad}")
     return list(target_modules)
 
@@ -157,6 +158,17 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
         raise TypeError(f"inject: use_dora must be True or False, got {use_dora!r}")
     target_modules = _check_targets(target_modules)
     check_adapter_args("inject", adapter_name, r, lora_alpha, lora_dropout)
+    chosen = target_names(model, target_modules)
+    return _wrap(model, chosen, r, lora_alpha, lora_dropout, adapter_name, use_rslora, use_dora,
+                 "inject")
+
+
+def target_names(model: nn.Module, target_modules: list[str] | str,
+                 where: str = "inject") -> list[str]:
+    """Full names of the linear layers of ``model`` that ``target_modules`` picks, as
+    :func:`inject` reads it (layer names, ``"all-linear"``, or one regex over full names); a
+    ``ValueError`` naming ``where`` when it picks none. The model is not changed."""
+    target_modules = _check_targets(target_modules, where)
     candidates = linear_layer_names(model)
     if target_modules == "all-linear":
         heads = _output_head_names(model)
@@ -169,12 +181,11 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
             hint = (f" A single string is read as a regex over full module names (as in PEFT); "
                     f"to match every layer named {target_modules!r}, pass a list: "
                     f"[{target_modules!r}].")
-        raise ValueError(f"inject: target_modules {target_modules!r} match no linear layer of "
+        raise ValueError(f"{where}: target_modules {target_modules!r} match no linear layer of "
                          f"{type(model).__name__}.{hint} Its linear layers are: "
                          f"{sorted({n.split('.')[-1] for n in candidates})} (full names like "
                          f"{candidates[:3]})")
-    return _wrap(model, chosen, r, lora_alpha, lora_dropout, adapter_name, use_rslora, use_dora,
-                 "inject")
+    return chosen
 
 
 def inject_modules(model: nn.Module, module_names: list[str], r: int, lora_alpha: float, *,
