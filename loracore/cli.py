@@ -1,4 +1,4 @@
-"""The ``loracore`` command: one subcommand per task (``grade``, ``finetune``).
+"""The ``loracore`` command: one subcommand per task (``grade``, ``finetune``, ``export``).
 
 A subcommand is a module-level ``add_NAME(subparsers)`` that declares its arguments and sets
 ``func``, the function that runs it and returns the exit status; :data:`SUBCOMMANDS` lists
@@ -6,6 +6,7 @@ them. A new one (``finetune``, ``serve``) is one more such function and one more
 
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
     loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
+    loracore export gguf runs/x --out x.gguf --base-gguf SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -100,8 +101,63 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
+# ---- loracore export TARGET: one block per target, sharing the `export` parser ----------------
+def export_targets(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subparsers of ``loracore export`` (``gguf``, ``merged``, ...), made by the first
+    target that asks and found again by the next, so each target stays one self-contained block."""
+    export = subparsers.choices.get("export")
+    if export is None:
+        export = subparsers.add_parser(
+            "export", help="write an adapter for another runtime (llama.cpp/Ollama, a merged model)",
+            description="Write an adapter for another runtime; one subcommand per target.")
+        export.set_defaults(targets=export.add_subparsers(dest="target", metavar="TARGET",
+                                                          required=True))
+    return export.get_default("targets")
+
+
+def add_export_gguf(subparsers: argparse._SubParsersAction) -> None:
+    p = export_targets(subparsers).add_parser(
+        "gguf", help="the adapter as a GGUF LoRA file for llama.cpp and Ollama",
+        description="Write an adapter folder (PEFT's format) as llama.cpp's GGUF LoRA file "
+                    "(llama-cli -m BASE.gguf --lora FILE), and an Ollama Modelfile beside it "
+                    "(FROM the base, ADAPTER the file). What llama.cpp cannot load (DoRA, a "
+                    "module it does not adapt, another architecture) is refused.")
+    p.add_argument("adapter", type=Path, metavar="ADAPTER", help="the adapter folder")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--base-gguf", type=Path, metavar="FILE",
+                   help="the base model's GGUF file: the adapter is checked against it "
+                        "(architecture, tensor names and shapes) and the Modelfile names it")
+    p.add_argument("--config", type=Path, metavar="DIR",
+                   help="the base model's folder (config.json), when the adapter does not record "
+                        "its base and no --base-gguf is given")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
+                   help="the tensors' type (default f32, exact)")
+    p.add_argument("--no-modelfile", dest="modelfile", action="store_false",
+                   help="do not write OUT's .Modelfile for Ollama")
+    p.set_defaults(func=run_export_gguf)
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from loracore.atomic import DiskWriteError
+    from loracore.gguf_export import export_gguf_adapter
+
+    try:
+        out = export_gguf_adapter(args.adapter, args.out, base_gguf=args.base_gguf,
+                                  config=args.config, dtype=args.dtype, modelfile=args.modelfile)
+    except (ValueError, FileNotFoundError, DiskWriteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    modelfile = out.with_name(f"{out.stem}.Modelfile")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)"
+          + (f" and {modelfile}" if args.modelfile else "")
+          + f"\nrun it: llama-cli -m {args.base_gguf or 'BASE.gguf'} --lora {out}")
+    return 0
+# ---- end of loracore export gguf ---------------------------------------------------------------
+
+
 #: Each adds one subcommand to the parser.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade, add_finetune]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_grade, add_finetune,
+                                                                   add_export_gguf]
 
 
 def build_parser() -> argparse.ArgumentParser:
