@@ -53,6 +53,7 @@ __all__ = ["export_gguf_adapter", "gguf_lora_tensors", "gguf_alpha", "rope_rows_
 CALLER = "export_gguf_adapter"
 #: Hugging Face model class -> llama.cpp's architecture name: the course's two families.
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # config.model_type
 #: The base tensors llama.cpp's llama and qwen2 graphs multiply through ``build_lora_mm``,
 #: the only place it applies an adapter.
 ADAPTABLE = {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V,
@@ -181,7 +182,8 @@ def _from_config(config: object) -> BaseInfo:
         source = str(path)
     else:
         values, source = config.to_dict(), f"{type(config).__name__}"  # a transformers config
-    cls = (values.get("architectures") or [None])[0]
+    # a config made in memory names no class; its model_type ("llama", "qwen2") then does
+    cls = (values.get("architectures") or [None])[0] or MODEL_TYPES.get(values.get("model_type"))
     return BaseInfo(_arch_of(cls, source), values.get("num_attention_heads"),
                     values.get("num_key_value_heads") or values.get("num_attention_heads"),
                     None, source)
