@@ -26,7 +26,9 @@ The modules in the order the course teaches them (the lesson that meets each, in
 - ``combine``: a model's adapters combined into one new adapter [08];
 - ``serve``: many adapters on one base: registry, mixed batches, engine, decoder, HTTP server [09];
 - ``checkpoint``: training checkpoints that resume to the same result bit for bit [11];
-- ``finetune``: ``loracore finetune``, on one device or many [11].
+- ``finetune``: ``loracore finetune``, on one device or many [11];
+- ``gguf_export``: ``loracore export gguf``, an adapter as llama.cpp's GGUF LoRA file and an
+  Ollama Modelfile [12].
 
 Around the lessons:
 
