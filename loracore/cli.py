@@ -6,7 +6,7 @@ them. A new one (``finetune``, ``serve``) is one more such function and one more
 
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
     loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
-    loracore export gguf runs/x --out x.gguf --base-gguf SmolLM2-135M-Instruct.Q4_1.gguf
+    loracore export gguf runs/x --out x.gguf --base-gguf base.gguf --write-base smollm2-135m
 """
 
 from __future__ import annotations
@@ -130,8 +130,13 @@ def add_export_gguf(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="DIR",
                    help="the base model's folder (config.json), when the adapter does not record "
                         "its base and no --base-gguf is given")
+    p.add_argument("--write-base", metavar="MODEL",
+                   help="first write the base model MODEL (a course model name such as "
+                        "smollm2-135m or qwen2-0.5b, or a model folder) to --base-gguf")
+    p.add_argument("--base-dtype", choices=["f32", "f16", "bf16"], default="f16",
+                   help="the type of the base's weights with --write-base (default f16)")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
-                   help="the tensors' type (default f32, exact)")
+                   help="the adapter tensors' type (default f32, exact)")
     p.add_argument("--no-modelfile", dest="modelfile", action="store_false",
                    help="do not write OUT's .Modelfile for Ollama")
     p.set_defaults(func=run_export_gguf)
@@ -140,11 +145,16 @@ def add_export_gguf(subparsers: argparse._SubParsersAction) -> None:
 def run_export_gguf(args: argparse.Namespace) -> int:
     from loracore.atomic import DiskWriteError
     from loracore.gguf_export import export_gguf_adapter
+    from loracore.models import BaseModelError
 
     try:
+        if args.write_base:
+            if args.base_gguf is None:
+                raise ValueError("--write-base needs --base-gguf FILE, the file to write it to")
+            _write_base(args.write_base, args.base_gguf, args.base_dtype)
         out = export_gguf_adapter(args.adapter, args.out, base_gguf=args.base_gguf,
                                   config=args.config, dtype=args.dtype, modelfile=args.modelfile)
-    except (ValueError, FileNotFoundError, DiskWriteError) as exc:
+    except (ValueError, FileNotFoundError, DiskWriteError, BaseModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     modelfile = out.with_name(f"{out.stem}.Modelfile")
@@ -152,6 +162,24 @@ def run_export_gguf(args: argparse.Namespace) -> int:
           + (f" and {modelfile}" if args.modelfile else "")
           + f"\nrun it: llama-cli -m {args.base_gguf or 'BASE.gguf'} --lora {out}")
     return 0
+def _write_base(model: str, out: Path, dtype: str) -> None:
+    """``loracore export gguf --write-base``: a course model or a model folder, as a GGUF file."""
+    from loracore.gguf_base import export_gguf_base
+    from loracore.models import KNOWN_MODELS, load_base_model
+
+    if model in KNOWN_MODELS:
+        base, tokenizer = load_base_model(model)
+    elif Path(model).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base, tokenizer = AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+    else:
+        raise ValueError(f"--write-base {model!r} is neither a course model ({sorted(KNOWN_MODELS)}) "
+                         f"nor a model folder")
+    export_gguf_base(base, tokenizer, out, dtype=dtype)
+    print(f"wrote the base {model} to {out} ({out.stat().st_size / 1e6:.1f} MB, {dtype})")
+
+
 # ---- end of loracore export gguf ---------------------------------------------------------------
 
 
