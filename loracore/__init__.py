@@ -30,7 +30,10 @@ The modules in the order the course teaches them (the lesson that meets each, in
 - ``extract``: an adapter extracted from two models' weight difference by truncated SVD;
 - ``serve``: many adapters on one base: registry, mixed batches, engine, decoder, HTTP server [09];
 - ``checkpoint``: training checkpoints that resume to the same result bit for bit [11];
-- ``finetune``: ``loracore finetune``, on one device or many [11].
+- ``finetune``: ``loracore finetune``, on one device or many [11];
+- ``gguf_export``: ``loracore export gguf``, an adapter as llama.cpp's GGUF LoRA file and an
+  Ollama Modelfile [12];
+- ``gguf_base``: the base model and its tokenizer as a GGUF file for llama.cpp [12].
 
 Around the lessons:
 

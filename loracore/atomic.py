@@ -51,8 +51,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["write_folder", "recover", "remove_folder", "atomic_write_text", "write_bytes",
-           "sha256_file", "DiskWriteError", "STAGES"]
+__all__ = ["write_folder", "recover", "remove_folder", "atomic_write_text", "atomic_write_file",
+           "write_bytes", "sha256_file", "DiskWriteError", "STAGES"]
 
 #: The moments of :func:`write_folder` at which :func:`_stage` is called (the crash tests kill there).
 STAGES = ("new-complete", "old-aside", "new-in-place")
@@ -126,11 +126,22 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename: a crash leaves
     the old file or the new one, never half of one."""
+    atomic_write_file(path, lambda tmp: write_bytes(tmp, text.encode("utf-8")))
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace the file ``path`` by what ``write(tmp)`` writes to a temporary path beside it,
+    synced, then renamed over ``path``: a crash, or an exception raised by ``write``, leaves
+    the old file (or no file) in place and no temporary one, never half of a file. A write the
+    disk refuses raises :class:`DiskWriteError` naming ``path``."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-        write_bytes(Path(tmp), text.encode("utf-8"))
+        write(Path(tmp))
+        # mkstemp makes the file private (0600); give it the mode an ordinary write would (the
+        # old file's, else 0666 less the umask), so that another user (Ollama's) can read it
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -140,6 +151,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path) -> str:

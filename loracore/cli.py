@@ -7,6 +7,7 @@ them. A new one (``finetune``, ``serve``) is one more such function and one more
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
     loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
     loracore export merged runs/x --out merged/x
+    loracore export gguf runs/x --out x.gguf --base-gguf base.gguf --write-base smollm2-135m
 """
 
 from __future__ import annotations

@@ -3,12 +3,17 @@
 One subcommand per target; each is an ``add_TARGET(subparsers)`` listed in :data:`TARGETS`::
 
     loracore export merged runs/lab02 --out merged/lab02 [--base smollm2-135m] [--overwrite]
+    loracore export gguf runs/lab02 --out lab02.gguf --base-gguf base.gguf [--write-base smollm2-135m]
 
 ``merged``: the base model with the adapter merged in, a plain transformers folder
 (:func:`loracore.merged.merge_and_save`) that ``AutoModelForCausalLM.from_pretrained`` loads.
 The base is the one the adapter's config names (``base_model_name_or_path``) unless ``--base``
 says otherwise: one of the course's model names or a local model folder. The adapter is loaded
 strictly: an adapter whose recorded base differs from the base given is refused.
+
+``gguf``: the adapter as llama.cpp's GGUF LoRA file (:func:`loracore.gguf_export.export_gguf_adapter`)
+with an Ollama ``Modelfile`` beside it; ``--write-base`` first writes the base model as a GGUF
+model file (:func:`loracore.gguf_base.export_gguf_base`).
 """
 
 from __future__ import annotations
@@ -128,8 +133,70 @@ def add_merged(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_merged)
 
 
+def add_gguf(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "gguf", help="the adapter as a GGUF LoRA file for llama.cpp and Ollama",
+        description="Write an adapter folder (PEFT's format) as llama.cpp's GGUF LoRA file "
+                    "(llama-cli -m BASE.gguf --lora FILE), and an Ollama Modelfile beside it "
+                    "(FROM the base, ADAPTER the file). What llama.cpp cannot load (DoRA, a "
+                    "module it does not adapt, another architecture) is refused.")
+    p.add_argument("adapter", type=Path, metavar="ADAPTER", help="the adapter folder")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--base-gguf", type=Path, metavar="FILE",
+                   help="the base model's GGUF file: the adapter is checked against it "
+                        "(architecture, tensor names and shapes) and the Modelfile names it")
+    p.add_argument("--config", type=Path, metavar="DIR",
+                   help="the base model's folder (config.json), when the adapter does not record "
+                        "its base and no --base-gguf is given")
+    p.add_argument("--write-base", metavar="MODEL",
+                   help="first write the base model MODEL (a course model name such as "
+                        "smollm2-135m or qwen2-0.5b, or a model folder) to --base-gguf")
+    p.add_argument("--base-dtype", choices=["f32", "f16", "bf16"], default="f16",
+                   help="the type of the base's weights with --write-base (default f16)")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
+                   help="the adapter tensors' type (default f32, exact)")
+    p.add_argument("--no-modelfile", dest="modelfile", action="store_false",
+                   help="do not write OUT's .Modelfile for Ollama")
+    p.set_defaults(func=run_export_gguf)
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from loracore.atomic import DiskWriteError
+    from loracore.gguf_export import export_gguf_adapter
+    from loracore.models import BaseModelError
+
+    try:
+        if args.write_base:
+            if args.base_gguf is None:
+                raise ValueError("--write-base needs --base-gguf FILE, the file to write it to")
+            _write_base(args.write_base, args.base_gguf, args.base_dtype)
+        out = export_gguf_adapter(args.adapter, args.out, base_gguf=args.base_gguf,
+                                  config=args.config, dtype=args.dtype, modelfile=args.modelfile)
+    except (ValueError, FileNotFoundError, DiskWriteError, BaseModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    modelfile = out.with_name(f"{out.stem}.Modelfile")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)"
+          + (f" and {modelfile}" if args.modelfile else "")
+          + f"\nrun it: llama-cli -m {args.base_gguf or 'BASE.gguf'} --lora {out}")
+    return 0
+
+
+def _write_base(model: str, out: Path, dtype: str) -> None:
+    """``loracore export gguf --write-base``: a course model or a model folder, as a GGUF file."""
+    import torch
+
+    from loracore.gguf_base import export_gguf_base
+
+    base, tokenizer = _load_base(model, torch.float32)
+    if tokenizer is None:
+        raise ValueError(f"--write-base {model}: the folder has no tokenizer, which a GGUF model file needs")
+    export_gguf_base(base, tokenizer, out, dtype=dtype)
+    print(f"wrote the base {model} to {out} ({out.stat().st_size / 1e6:.1f} MB, {dtype})")
+
+
 #: Each adds one export target.
-TARGETS: list[Callable[[argparse._SubParsersAction], None]] = [add_merged]
+TARGETS: list[Callable[[argparse._SubParsersAction], None]] = [add_merged, add_gguf]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
