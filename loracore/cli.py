@@ -55,9 +55,8 @@ def run_grade(args: argparse.Namespace) -> int:
     except MissingExtra as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from loracore.grade import LABS_DIR, Limits, grade
+    from loracore.grade import LABS_DIR, Limits, grade, threads_per_job
     from loracore.grade.gradebook import summary_markdown, write_chart, write_csv, write_feedback
-    from loracore.grade.run import threads_per_job
 
     limits = Limits(timeout=args.timeout, memory_mb=args.memory,
                     threads=threads_per_job(args.jobs))

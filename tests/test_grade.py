@@ -260,7 +260,7 @@ def test_the_grader_knows_where_the_model_cache_lock_is():
     ("1", 1, 8, 1), ("2", 1, 8, 2), ("16", 2, 8, 4), ("", 2, 8, 4), ("many", 1, 8, 8), ("0", 1, 8, 8)])
 def test_kernels_share_the_cores_and_never_exceed_the_callers_omp_num_threads(monkeypatch, omp, jobs,
                                                                               cores, expected):
-    from loracore.grade.run import threads_per_job
+    from loracore.grade import threads_per_job
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     if omp is None:

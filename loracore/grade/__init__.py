@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from loracore.grade.labs import LABS_DIR, Exercise, Lab, find_lab
-from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict, threads_per_job
+from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict
 from loracore.grade.sandbox import kill_descendants
 
 __all__ = ["grade", "find_submissions", "find_lab", "Lab", "Exercise", "Limits", "Result",
-           "Verdict"]
+           "Verdict", "threads_per_job"]
 
 #: Seconds the grader allows a submission's process beyond its notebook's time limit
 #: (kernel start and shutdown) before it kills the whole process group.
@@ -167,13 +167,31 @@ def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits) -> Resu
     return Result(path, "grader error", why[:300], zeros, seconds=seconds)
 
 
+def threads_per_job(jobs: int) -> int:
+    """Torch / OpenMP threads for each of ``jobs`` kernels graded at once.
+
+    The cores this process may run on, shared out between the jobs, and never more than an
+    ``OMP_NUM_THREADS`` the caller set: when the machine is busy with other work, threads
+    beyond a core each wait on each other (README, "A busy CPU?": ten times slower measured).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, jobs))
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) >= 1:
+        threads = min(threads, int(cap))
+    return threads
+
+
 def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
           limits: Limits | None = None, labs_dir: Path = LABS_DIR,
           progress: Callable[[int, int, Result], None] | None = None) -> tuple[Lab, list[Result]]:
     """Grade every notebook in ``submissions`` for ``lab``; ``jobs`` of them at a time.
 
     Each runs in a process of its own (see :mod:`loracore.grade.run`); results come back
-    sorted by path, the same for any ``jobs``. Torch gets :func:`~loracore.grade.run.threads_per_job` threads per kernel.
+    sorted by path, the same for any ``jobs``. Torch gets :func:`threads_per_job` threads per kernel.
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"loracore grade: --jobs must be a whole number >= 1, got {jobs!r}")

@@ -59,24 +59,6 @@ def model_cache_lock() -> Path:
     return root / ".smollm2.lock"
 
 
-def threads_per_job(jobs: int) -> int:
-    """Torch / OpenMP threads for each of ``jobs`` kernels graded at once.
-
-    The cores this process may run on, shared out between the jobs, and never more than an
-    ``OMP_NUM_THREADS`` the caller set: when the machine is busy with other work, threads
-    beyond a core each wait on each other (README, "A busy CPU?": ten times slower measured).
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, jobs))
-    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if cap.isdigit() and int(cap) >= 1:
-        threads = min(threads, int(cap))
-    return threads
-
-
 @dataclass
 class Limits:
     """What one submission may use."""
