@@ -21,6 +21,7 @@ The modules in the order the course teaches them (the lesson that meets each, in
 - ``nf4``: 4-bit NormalFloat quantization, byte for byte as bitsandbytes [05];
 - ``quant8``: 8-bit blockwise quantization, under NF4's double quantization and 8-bit
   optimizer state [05, 07];
+- ``lora_init``: PiSSA and LoftQ, LoRA started from the base weight's structure [06];
 - ``qlora``: a frozen NF4 base model with LoRA adapters on top [06];
 - ``paging``: a pool of fixed-size pages in two memory tiers [07];
 - ``optim``: paged and 8-bit AdamW, on ``paging`` and ``quant8`` [07];

@@ -34,7 +34,8 @@ from loracore.atomic import write_bytes, write_folder
 from loracore.fingerprint import (base_fingerprint, compare_fingerprints, foreign_adapters,
                                   record_foreign)
 from loracore.layer import LoRALinear, check_adapter_name, is_linear
-from loracore.surgery import all_or_nothing, inject_modules, linear_layer_names, lora_layers
+from loracore.surgery import (all_or_nothing, changed_bases, inject_modules, linear_layer_names,
+                              lora_layers)
 
 __all__ = ["save_adapter", "load_adapter", "check_base", "read_adapter", "AdapterFile",
            "AdapterModule", "base_fingerprint", "foreign_adapters", "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -59,7 +60,8 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str,
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None, convert_to_lora: bool = False,
+                 changed_base_ok: bool = False) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to folder ``path`` in PEFT's format.
 
     Returns the folder. Crash-safe: a crash or SIGKILL at any moment leaves the folder holding
@@ -71,12 +73,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     ``extra_files``: text files (name: content) written in the same atomic swap as the
     adapter, so they always describe it (``loracore finetune``'s ``training_args.json``).
+
+    An adapter whose initialisation changed its base (``inject(init_lora_weights="pissa" or
+    "loftq")``, see :func:`~loracore.surgery.changed_bases`) is valid only on that changed base,
+    so saving it is refused unless the call says what to write: ``convert_to_lora=True`` (PiSSA
+    only) writes a plain LoRA adapter for the *original* base, of rank ``2r``: ``A' = [A; A0]``,
+    ``B' = [B, -B0]``, so ``scaling·B'·A' = scaling·(B·A - B0·A0)``, the change training made
+    (PEFT's ``path_initial_model_for_weight_conversion``; ``lora_alpha`` doubled, or times
+    ``sqrt(2)`` with rsLoRA, to keep ``scaling``), with the original base's fingerprint;
+    ``changed_base_ok=True`` writes it as it is, with the changed base's fingerprint (so loracore
+    refuses to load it onto the original base; save that base too, e.g. with
+    :func:`loracore.merged.merge_and_save` after ``remove_lora``).
     """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
         known = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
         raise ValueError(f"save_adapter: no adapter named {adapter_name!r} in the model "
                          f"(adapters: {known})")
+    for flag, value in (("convert_to_lora", convert_to_lora), ("changed_base_ok", changed_base_ok)):
+        if not isinstance(value, bool):
+            raise TypeError(f"save_adapter: {flag} must be True or False, got {value!r}")
+    changed = changed_bases(model).get(adapter_name)
+    if convert_to_lora and (changed is None or changed["init"] != "pissa"):
+        what = "plain LoRA" if changed is None else changed["init"]
+        raise ValueError(f"save_adapter: convert_to_lora=True converts a PiSSA adapter; adapter "
+                         f"{adapter_name!r} is {what}"
+                         + (" (its base is an NF4 approximation of the original, which no low-rank "
+                            "adapter makes exact); pass changed_base_ok=True instead"
+                            if what == "loftq" else ""))
+    if changed is not None and not (convert_to_lora or changed_base_ok):
+        options = ("convert_to_lora=True (a rank-2r plain LoRA for the original base) or "
+                   if changed["init"] == "pissa" else "")
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} was initialised with "
+                         f"{changed['init']!r}, which changed the base weights of its layers "
+                         f"({'the residual W - scaling·B0·A0' if changed['init'] == 'pissa' else 'their NF4 values'}); "
+                         f"it is only valid on that changed base. Pass {options}"
+                         f"changed_base_ok=True (as it is, for the changed base)")
+    if convert_to_lora and set(changed["initial"]) != set(layers):
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} is on {sorted(layers)[:3]}..., "
+                         f"its PiSSA record on {sorted(changed['initial'])[:3]}...; cannot convert")
     folder = Path(os.path.realpath(path))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_adapter: {folder} is a file; give a folder path")
@@ -100,6 +135,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 raise ValueError(f"save_adapter: {what} of adapter {adapter_name!r} on module {name!r} "
                                  f"holds inf or NaN (diverged training?); nothing was written, "
                                  f"since loading it would be refused")
+            if convert_to_lora:  # ΔW = s·(B·A - B0·A0) = s·[B, -B0]·[A; A0]
+                a0, b0 = changed["initial"][name]
+                weight = (torch.cat([weight, a0.to(weight.dtype)], dim=0) if what == "lora_A"
+                          else torch.cat([weight, -b0.to(weight.dtype)], dim=1))
             tensors[f"{PREFIX}{name}.{what}.weight"] = weight
         if adapter_name in layer.lora_magnitude_vector:
             magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach().cpu().contiguous()
@@ -115,6 +154,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     ranks = {n: m.r[adapter_name] for n, m in layers.items()}
     alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
+    if convert_to_lora:  # twice the rank at the same scaling: alpha/r or alpha/sqrt(r)
+        grow = 2.0 ** 0.5 if True in rslora else 2
+        ranks = {n: 2 * v for n, v in ranks.items()}
+        alphas = {n: v * grow for n, v in alphas.items()}
     dropout = {m.lora_dropout[adapter_name].p if isinstance(m.lora_dropout[adapter_name], nn.Dropout)
                else 0.0 for m in layers.values()}
     if len(rslora) > 1:
@@ -141,7 +184,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "modules_to_save": None,
     }
     try:
-        fingerprint = base_fingerprint(model, list(layers))
+        fingerprint = (changed["fingerprint"] if convert_to_lora
+                       else base_fingerprint(model, list(layers)))
     except ValueError as e:
         raise ValueError(f"save_adapter: {e}") from None
     ours = {"format": FORMAT, "base_fingerprint": fingerprint, "config": {k: config[k] for k in SCALING_KEYS}}

@@ -18,23 +18,31 @@ import re
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
-from loracore.fingerprint import forget_foreign
+from loracore.fingerprint import base_fingerprint, forget_foreign
 from loracore.layer import LoRALinear, check_adapter_args, is_float_linear, is_linear
+from loracore.lora_init import INIT_NAMES, loftq_init, pissa_init
+from loracore.nf4 import dequantize_nf4
 
 __all__ = [
     "inject", "inject_modules", "target_names", "lora_layers", "linear_layer_names",
     "trainable_parameters", "set_adapter",
     "disable_adapters", "merge_adapters", "unmerge_adapters", "delete_adapter", "remove_lora",
-    "all_or_nothing", "replace_module",
+    "all_or_nothing", "replace_module", "changed_bases",
 ]
+
+#: attribute (in the model's ``__dict__``) recording adapters whose initialisation changed the
+#: base weights (PiSSA, LoftQ): see :func:`changed_bases`
+_CHANGED = "_loracore_changed_bases"
 
 
 # ---- all-or-nothing -----------------------------------------------------------------------
 class _Snapshot:
     """What a model operation may change, held by reference (no weight is copied): each
-    module's children, each parameter's ``requires_grad``, each LoRA layer's adapter
+    module's children and parameter objects (an initialisation that changes a base weight
+    puts a new ``Parameter`` in its place, never writes into the old one), each parameter's ``requires_grad``, each LoRA layer's adapter
     bookkeeping and merge state, and the ``requires_grad`` record :func:`inject` keeps.
     Merged weights are restored exactly because a merged weight is a pure function of the
     original weight the layer keeps and of the merged adapters' names."""
@@ -43,17 +51,22 @@ class _Snapshot:
         self.model = model
         modules = list(model.modules())
         self.children = [(m, dict(m._modules)) for m in modules]
+        self.params = [(m, dict(m._parameters)) for m in modules]
         self.flags = [(p, p.requires_grad) for m in modules for p in m._parameters.values()
                       if p is not None]
         self.layers = [(m, {k: dict(getattr(m, k)) for k in ("r", "lora_alpha", "scaling", "use_rslora")},
                         list(m.active_adapters), list(m.merged_adapters), m.disabled, m._unmerged_weight)
                        for m in modules if isinstance(m, LoRALinear)]
         self.record = model.__dict__.get("_loracore_requires_grad")
+        self.changed = dict(model.__dict__.get(_CHANGED, {}))
 
     def restore(self) -> None:
         for module, children in self.children:
             module._modules.clear()
             module._modules.update(children)
+        for module, params in self.params:
+            module._parameters.clear()
+            module._parameters.update(params)
         for layer, dicts, active, merged, disabled, original in self.layers:
             for key, value in dicts.items():
                 setattr(layer, key, value)
@@ -64,6 +77,9 @@ class _Snapshot:
         self.model.__dict__.pop("_loracore_requires_grad", None)
         if self.record is not None:
             self.model._loracore_requires_grad = self.record
+        self.model.__dict__.pop(_CHANGED, None)
+        if self.changed:
+            self.model.__dict__[_CHANGED] = self.changed
 
 
 @contextmanager
@@ -143,7 +159,8 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
 
 def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha: float, *,
            lora_dropout: float = 0.0, adapter_name: str = "default",
-           use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
+           use_rslora: bool = False, use_dora: bool = False,
+           init_lora_weights: bool | str = True, loftq_config: object = None) -> nn.Module:
     """Wrap matching linear layers of ``model`` in :class:`LoRALinear`, in place.
 
     ``target_modules``: layer names matched against the end of each module's full name
@@ -153,14 +170,66 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
     the new adapter added. ``use_dora=True`` makes it a DoRA adapter (a trainable magnitude per
     output feature too, see :mod:`loracore.dora`; float or 4-bit bases). All or nothing: a
     refusal leaves the model as it was. Returns ``model``.
+
+    ``init_lora_weights`` (PEFT's name): ``True`` (A Kaiming-uniform, B zeros: the model starts
+    as the base), ``"pissa"`` or ``"loftq"`` (:mod:`loracore.lora_init`), which start from a
+    non-zero ``B·A`` and **change the targeted base weights**: PiSSA to the residual
+    ``W - scaling·B·A``, LoftQ to the float values of an NF4 weight (blocksize 64, no double
+    quantization, as PEFT: saved with ``changed_base_ok=True``, then ``remove_lora`` and
+    ``quantize_model(model, double_quant=False)``, the base stores exactly that NF4 weight and the
+    adapter loads back onto it). ``loftq_config``: ``{"loftq_bits": 4, "loftq_iter": n}`` or PEFT's ``LoftQConfig``
+    (default one iteration). Both need float ``nn.Linear`` bases that carry no other adapter
+    and no tied weight, and plain LoRA (no DoRA). The adapter is valid only on the changed base:
+    :func:`changed_bases` records it, and :func:`loracore.adapters.save_adapter` refuses to save
+    it unless told what to write (``convert_to_lora=True`` for PiSSA, ``changed_base_ok=True``).
+    :func:`remove_lora` leaves the changed base in place (as PEFT's ``unload``).
     """
     if not isinstance(use_dora, bool):
         raise TypeError(f"inject: use_dora must be True or False, got {use_dora!r}")
     target_modules = _check_targets(target_modules)
     check_adapter_args("inject", adapter_name, r, lora_alpha, lora_dropout)
+    init = _check_init(init_lora_weights, loftq_config, use_dora)
     chosen = target_names(model, target_modules)
     return _wrap(model, chosen, r, lora_alpha, lora_dropout, adapter_name, use_rslora, use_dora,
-                 "inject")
+                 "inject", init)
+
+
+def _check_init(init_lora_weights: object, loftq_config: object, use_dora: bool) -> dict | None:
+    """``None`` for plain LoRA, else ``{"init": "pissa" | "loftq", "loftq_iter": n}``; a clear
+    error for anything else."""
+    if not any(init_lora_weights is v or (isinstance(init_lora_weights, str) and init_lora_weights == v)
+               for v in INIT_NAMES):
+        raise ValueError(f"inject: init_lora_weights={init_lora_weights!r} is not one loracore "
+                         f"knows; pass one of {list(INIT_NAMES)} (True: B = 0, the model starts as "
+                         f"its base)")
+    if loftq_config is not None and init_lora_weights != "loftq":
+        raise ValueError(f"inject: loftq_config is given but init_lora_weights is "
+                         f"{init_lora_weights!r}; pass init_lora_weights='loftq' or drop loftq_config")
+    if init_lora_weights is True:
+        return None
+    if use_dora:
+        raise ValueError(f"inject: init_lora_weights={init_lora_weights!r} with use_dora=True is not "
+                         f"supported: DoRA's magnitude is taken from the base weight, which "
+                         f"{init_lora_weights} changes; use one or the other")
+    if init_lora_weights == "pissa":
+        return {"init": "pissa"}
+    config = {"loftq_bits": 4, "loftq_iter": 1}
+    if loftq_config is not None:
+        given = loftq_config if isinstance(loftq_config, dict) else getattr(loftq_config, "__dict__", None)
+        if not isinstance(given, dict):
+            raise TypeError(f"inject: loftq_config must be a dict such as {config} or PEFT's "
+                            f"LoftQConfig, got {type(loftq_config).__name__}")
+        unknown = sorted(set(given) - set(config))
+        if unknown:
+            raise ValueError(f"inject: loftq_config has unknown keys {unknown}; it takes {sorted(config)}")
+        config.update(given)
+    if config["loftq_bits"] != 4:
+        raise ValueError(f"inject: loftq_config loftq_bits={config['loftq_bits']!r}: loracore's LoftQ "
+                         f"quantizes to NF4 (4 bits) only")
+    n = config["loftq_iter"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"inject: loftq_config loftq_iter must be an int >= 1, got {n!r}")
+    return {"init": "loftq", "loftq_iter": n}
 
 
 def target_names(model: nn.Module, target_modules: list[str] | str,
@@ -219,11 +288,65 @@ def inject_modules(model: nn.Module, module_names: list[str], r: int, lora_alpha
                  "inject_modules")
 
 
+def changed_bases(model: nn.Module) -> dict[str, dict]:
+    """Adapters of ``model`` whose initialisation changed their base weights (:func:`inject`
+    with ``init_lora_weights="pissa"`` or ``"loftq"``): ``{adapter name: {"init": "pissa" |
+    "loftq", "initial": {module name: (A0 (r, in), B0 (out, r))}, "fingerprint": the original
+    base's fingerprint}}``; empty when there are none. The initial factors are what a PiSSA
+    adapter subtracts to become a plain LoRA on the original base."""
+    return dict(model.__dict__.get(_CHANGED, {}))
+
+
+def _check_init_targets(model: nn.Module, chosen: list[str], r: int, init: str, where: str) -> None:
+    """What PiSSA and LoftQ need of each target: a float ``nn.Linear`` with no LoRA yet (the base
+    change would invalidate other adapters), a weight tied to nothing, and ``r <= min(out, in)``."""
+    for name in chosen:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{where}: module {name!r} already has adapters {sorted(module.lora_A)}; "
+                             f"init_lora_weights={init!r} changes the base weight they were trained "
+                             f"on. Use it on a model without adapters (or remove_lora first)")
+        if not is_float_linear(module):
+            fix = ("LoftQ quantizes the float weights itself: inject with 'loftq' into the float "
+                   "model, then quantize_model(model, double_quant=False)" if init == "loftq" else
+                   "run PiSSA on the float model, then quantize the residual (quantize_model)")
+            raise TypeError(f"{where}: module {name!r} is a {type(module).__name__}, not a float "
+                            f"nn.Linear; init_lora_weights={init!r} needs the float weight. {fix}")
+        tied = [n for n, p in model.named_parameters(remove_duplicate=False)
+                if n != f"{name}.weight" and p.data_ptr() == module.weight.data_ptr()]
+        if tied:
+            raise ValueError(f"{where}: the weight of module {name!r} is tied to {tied}; "
+                             f"init_lora_weights={init!r} would change those too. Leave it out of "
+                             f"target_modules")
+        if r > min(module.weight.shape):
+            raise ValueError(f"{where}: r={r} is more than min(out, in) = {min(module.weight.shape)} "
+                             f"of module {name!r}; init_lora_weights={init!r} needs r <= that")
+
+
+@torch.no_grad()
+def _init_from_base(layer: LoRALinear, adapter_name: str, init: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set ``layer``'s adapter ``adapter_name`` to its PiSSA or LoftQ factors and put the changed
+    base weight in a new ``Parameter`` (the old one is untouched, so a rollback puts it back).
+    Returns the initial ``(A0, B0)``."""
+    base = layer.base_layer
+    weight, s = base.weight, layer.scaling[adapter_name]
+    if init["init"] == "pissa":
+        lora_A, lora_B, new = pissa_init(weight, layer.r[adapter_name], s)
+    else:
+        lora_A, lora_B, q = loftq_init(weight, layer.r[adapter_name], s, init["loftq_iter"])
+        new = dequantize_nf4(q, torch.float32)
+    layer.lora_A[adapter_name].weight.copy_(lora_A)
+    layer.lora_B[adapter_name].weight.copy_(lora_B)
+    base._parameters["weight"] = nn.Parameter(new.to(weight.dtype), requires_grad=False)
+    return lora_A.clone(), lora_B.clone()
+
+
 def _wrap(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_dropout: float,
-          adapter_name: str, use_rslora: bool, use_dora: bool, where: str) -> nn.Module:
+          adapter_name: str, use_rslora: bool, use_dora: bool, where: str,
+          init: dict | None = None) -> nn.Module:
     """Add the adapter to the linear layers ``chosen`` (full names; arguments already checked),
     refusing first what the model's state forbids: a name already taken, DoRA on a layer
-    without a dense weight."""
+    without a dense weight, a PiSSA/LoftQ target that is not a plain float layer."""
     taken = [n for n in chosen if isinstance(model.get_submodule(n), LoRALinear)
              and adapter_name in model.get_submodule(n).lora_A]
     if taken:
@@ -237,6 +360,9 @@ def _wrap(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_d
             raise TypeError(f"{where}: DoRA needs each base weight as a float matrix (for its norm); "
                             f"modules {no_dense} have neither a float weight nor dequantize(). "
                             f"Leave them out of target_modules or use use_dora=False")
+    if init is not None:
+        _check_init_targets(model, chosen, r, init["init"], where)
+        record = dict(init, initial={}, fingerprint=base_fingerprint(model, chosen))
     with all_or_nothing(model):
         if not hasattr(model, "_loracore_requires_grad"):  # so remove_lora can restore it
             model._loracore_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -251,7 +377,11 @@ def _wrap(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_d
                 layer = LoRALinear(module)
                 layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora,
                                   checked=True)
+                if init is not None:
+                    record["initial"][name] = _init_from_base(layer, adapter_name, init)
                 _replace(model, name, layer)
+        if init is not None:
+            model.__dict__[_CHANGED] = {**changed_bases(model), adapter_name: record}
         set_adapter(model, adapter_name)
     return model
 
@@ -398,6 +528,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     with all_or_nothing(model):
         for layer in layers.values():
             layer.delete_adapter(name)
+        changed = changed_bases(model)
+        if changed.pop(name, None) is not None:  # its base stays changed; its record goes
+            model.__dict__[_CHANGED] = changed
     forget_foreign(model, name)  # what load_adapter noted about this adapter's base
 
 
@@ -405,13 +538,15 @@ def remove_lora(model: nn.Module) -> nn.Module:
     """Unwrap every ``LoRALinear`` back to its base layer (unmerging first), in place.
 
     What is left is the original model: same modules, same names, base weights restored bit
-    for bit (merged or not), and the ``requires_grad`` flags it had before :func:`inject`.
+    for bit (merged or not), and the ``requires_grad`` flags it had before :func:`inject`;
+    except the base weights a PiSSA or LoftQ initialisation changed, which stay changed.
     Returns ``model``."""
     with all_or_nothing(model):
         for name, layer in lora_layers(model).items():
             layer.unmerge()
             _replace(model, name, layer.base_layer)
         forget_foreign(model)
+        model.__dict__.pop(_CHANGED, None)
         flags = model.__dict__.pop("_loracore_requires_grad", None)
         if flags is not None:
             for n, p in model.named_parameters():
