@@ -28,7 +28,8 @@ from loracore.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 __all__ = ["INIT_NAMES", "principal_factors", "pissa_init", "loftq_init", "relative_error"]
 
-#: the values of ``inject(init_lora_weights=...)``: True is plain LoRA (B = 0)
+#: the values of ``inject(init_lora_weights=...)``: True is plain LoRA (B = 0); also
+#: ``"pissa_niter_K"`` (PiSSA by randomized SVD with K power iterations)
 INIT_NAMES = (True, "pissa", "loftq")
 
 
@@ -57,17 +58,28 @@ def principal_factors(m: torch.Tensor, r: int, scaling: float) -> tuple[torch.Te
     return root[:, None] * vh[:r], u[:, :r] * root[None, :]
 
 
-def pissa_init(weight: torch.Tensor, r: int, scaling: float
+def pissa_init(weight: torch.Tensor, r: int, scaling: float, niter: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PiSSA: ``(A, B, residual)`` for a base weight ``weight (out, in)``.
 
     A ``(r, in)``, B ``(out, r)``: the top ``r`` singular triplets of ``weight`` (computed in
     float32), scaled as in :func:`principal_factors`. residual ``(out, in)``, in ``weight``'s
     dtype: ``weight - scaling·B·A``, the new base. ``residual + scaling·B·A`` equals ``weight`` up
-    to float rounding."""
+    to float rounding.
+
+    ``niter``: estimate the triplets by randomized SVD (``torch.svd_lowrank`` with ``niter``
+    power iterations; PEFT's ``"pissa_niter_K"``), much faster on large weights and drawn from
+    the global random generator; the residual still makes ``residual + scaling·B·A == weight``."""
     _check_weight(weight, r, scaling, "pissa_init")
     w = weight.detach().float()
-    lora_A, lora_B = principal_factors(w, r, scaling)
+    if niter is None:
+        lora_A, lora_B = principal_factors(w, r, scaling)
+    else:
+        if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+            raise ValueError(f"pissa_init: niter must be an int >= 0, got {niter!r}")
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+        root = torch.sqrt(s / scaling)
+        lora_A, lora_B = root[:, None] * v.T, u * root[None, :]
     residual = w - scaling * (lora_B @ lora_A)
     return lora_A, lora_B, residual.to(weight.dtype)
 

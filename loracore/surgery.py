@@ -172,7 +172,7 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
     refusal leaves the model as it was. Returns ``model``.
 
     ``init_lora_weights`` (PEFT's name): ``True`` (A Kaiming-uniform, B zeros: the model starts
-    as the base), ``"pissa"`` or ``"loftq"`` (:mod:`loracore.lora_init`), which start from a
+    as the base), ``"pissa"`` (or ``"pissa_niter_K"``, by randomized SVD) or ``"loftq"`` (:mod:`loracore.lora_init`), which start from a
     non-zero ``B·A`` and **change the targeted base weights**: PiSSA to the residual
     ``W - scaling·B·A``, LoftQ to the float values of an NF4 weight (blocksize 64, no double
     quantization, as PEFT: saved with ``changed_base_ok=True``, then ``remove_lora`` and
@@ -197,11 +197,13 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
 def _check_init(init_lora_weights: object, loftq_config: object, use_dora: bool) -> dict | None:
     """``None`` for plain LoRA, else ``{"init": "pissa" | "loftq", "loftq_iter": n}``; a clear
     error for anything else."""
-    if not any(init_lora_weights is v or (isinstance(init_lora_weights, str) and init_lora_weights == v)
-               for v in INIT_NAMES):
+    niter = (re.fullmatch(r"pissa_niter_(\d+)", init_lora_weights)
+             if isinstance(init_lora_weights, str) else None)
+    if not niter and not any(init_lora_weights is v or (isinstance(init_lora_weights, str)
+                                                        and init_lora_weights == v) for v in INIT_NAMES):
         raise ValueError(f"inject: init_lora_weights={init_lora_weights!r} is not one loracore "
-                         f"knows; pass one of {list(INIT_NAMES)} (True: B = 0, the model starts as "
-                         f"its base)")
+                         f"knows; pass one of {list(INIT_NAMES)} or 'pissa_niter_K' (K >= 0 power "
+                         f"iterations of a randomized SVD) (True: B = 0, the model starts as its base)")
     if loftq_config is not None and init_lora_weights != "loftq":
         raise ValueError(f"inject: loftq_config is given but init_lora_weights is "
                          f"{init_lora_weights!r}; pass init_lora_weights='loftq' or drop loftq_config")
@@ -211,6 +213,8 @@ def _check_init(init_lora_weights: object, loftq_config: object, use_dora: bool)
         raise ValueError(f"inject: init_lora_weights={init_lora_weights!r} with use_dora=True is not "
                          f"supported: DoRA's magnitude is taken from the base weight, which "
                          f"{init_lora_weights} changes; use one or the other")
+    if niter:
+        return {"init": "pissa", "niter": int(niter.group(1))}
     if init_lora_weights == "pissa":
         return {"init": "pissa"}
     config = {"loftq_bits": 4, "loftq_iter": 1}
@@ -331,7 +335,7 @@ def _init_from_base(layer: LoRALinear, adapter_name: str, init: dict) -> tuple[t
     base = layer.base_layer
     weight, s = base.weight, layer.scaling[adapter_name]
     if init["init"] == "pissa":
-        lora_A, lora_B, new = pissa_init(weight, layer.r[adapter_name], s)
+        lora_A, lora_B, new = pissa_init(weight, layer.r[adapter_name], s, init.get("niter"))
     else:
         lora_A, lora_B, q = loftq_init(weight, layer.r[adapter_name], s, init["loftq_iter"])
         new = dequantize_nf4(q, torch.float32)

@@ -96,6 +96,40 @@ def test_pissa_equals_peft():
     assert (layers["model.layers.0.self_attn.q_proj"].base_layer.weight - w0).abs().max() > 0.01
 
 
+def test_fast_pissa_equals_peft_given_the_same_random_draws(monkeypatch):
+    """PiSSA by randomized SVD ("pissa_niter_K"). The two libraries draw other random numbers in between
+    (A's Kaiming init), so each randomized SVD is made to start from the same seed."""
+    import peft.tuners.lora.layer as peft_layer
+    from peft import LoraConfig, get_peft_model
+    real = torch.svd_lowrank
+
+    def seeded(*args, **kwargs):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft_layer, "svd_lowrank", seeded)
+    ours, theirs, exact = base(), base(), base()
+    inject(ours, TARGETS, r=4, lora_alpha=8, init_lora_weights="pissa_niter_2")
+    peft_model = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                   init_lora_weights="pissa_niter_2"))
+    inject(exact, TARGETS, r=4, lora_alpha=8, init_lora_weights="pissa")
+    x = ids(ours)
+    for name, layer in lora_layers(ours).items():
+        other = peft_model.base_model.model.get_submodule(name)
+        for what in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, what)["default"].weight,
+                                       getattr(other, what)["default"].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight, atol=1e-6, rtol=0)
+        # an estimate: not the exact top-4 (the tiny model's spectrum is flat), yet the same weight
+        assert not torch.allclose(layer.base_layer.weight, lora_layers(exact)[name].base_layer.weight,
+                                  atol=1e-3)
+        w = base().get_submodule(name).weight
+        torch.testing.assert_close(effective(layer), w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours, x), logits(peft_model, x), atol=1e-5, rtol=0)
+    assert changed_bases(ours)["default"]["init"] == "pissa"
+
+
 # ---- LoftQ ---------------------------------------------------------------------------------
 @pytest.fixture
 def peft_loftq_on_cpu(monkeypatch):
@@ -277,7 +311,9 @@ def test_delete_adapter_forgets_the_record_but_not_the_changed_base():
 
 # ---- refusals, all or nothing --------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"init_lora_weights": "gaussian"}, ValueError, r"not one loracore knows.*\[True, 'pissa', 'loftq'\]"),
+    ({"init_lora_weights": "gaussian"}, ValueError, r"not one loracore knows.*\[True, 'pissa', 'loftq'\] or 'pissa_niter_K'"),
+    ({"init_lora_weights": "pissa_niter_x"}, ValueError, "not one loracore knows"),
+    ({"init_lora_weights": "pissa_niter_4", "use_dora": True}, ValueError, "use_dora=True is not supported"),
     ({"init_lora_weights": False}, ValueError, "not one loracore knows"),
     ({"init_lora_weights": "pissa", "use_dora": True}, ValueError, "use_dora=True is not supported"),
     ({"init_lora_weights": "loftq", "use_dora": True}, ValueError, "use_dora=True is not supported"),
