@@ -102,12 +102,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                             "adapter makes exact); pass changed_base_ok=True instead"
                             if what == "loftq" else ""))
     if changed is not None and not (convert_to_lora or changed_base_ok):
-        options = ("convert_to_lora=True (a rank-2r plain LoRA for the original base) or "
-                   if changed["init"] == "pissa" else "")
+        pissa = changed["init"] == "pissa"
+        options = "convert_to_lora=True (a rank-2r plain LoRA for the original base) or " if pissa else ""
+        became = "the residual W - scaling·B0·A0" if pissa else "their NF4 values"
         raise ValueError(f"save_adapter: adapter {adapter_name!r} was initialised with "
-                         f"{changed['init']!r}, which changed the base weights of its layers "
-                         f"({'the residual W - scaling·B0·A0' if changed['init'] == 'pissa' else 'their NF4 values'}); "
-                         f"it is only valid on that changed base. Pass {options}"
+                         f"{changed['init']!r}, which changed the base weights of its layers to "
+                         f"{became}; it is only valid on that changed base. Pass {options}"
                          f"changed_base_ok=True (as it is, for the changed base)")
     if convert_to_lora and set(changed["initial"]) != set(layers):
         raise ValueError(f"save_adapter: adapter {adapter_name!r} is on {sorted(layers)[:3]}..., "

@@ -41,9 +41,10 @@ _CHANGED = "_loracore_changed_bases"
 # ---- all-or-nothing -----------------------------------------------------------------------
 class _Snapshot:
     """What a model operation may change, held by reference (no weight is copied): each
-    module's children and parameter objects (an initialisation that changes a base weight
-    puts a new ``Parameter`` in its place, never writes into the old one), each parameter's ``requires_grad``, each LoRA layer's adapter
-    bookkeeping and merge state, and the ``requires_grad`` record :func:`inject` keeps.
+    module's children and parameter objects (an initialisation that changes a base weight puts
+    a new ``Parameter`` in its place, never writes into the old one), each parameter's
+    ``requires_grad``, each LoRA layer's adapter bookkeeping and merge state, and the records
+    :func:`inject` keeps (``requires_grad`` flags, changed bases).
     Merged weights are restored exactly because a merged weight is a pure function of the
     original weight the layer keeps and of the merged adapters' names."""
 
@@ -172,13 +173,14 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
     refusal leaves the model as it was. Returns ``model``.
 
     ``init_lora_weights`` (PEFT's name): ``True`` (A Kaiming-uniform, B zeros: the model starts
-    as the base), ``"pissa"`` (or ``"pissa_niter_K"``, by randomized SVD) or ``"loftq"`` (:mod:`loracore.lora_init`), which start from a
-    non-zero ``B·A`` and **change the targeted base weights**: PiSSA to the residual
-    ``W - scaling·B·A``, LoftQ to the float values of an NF4 weight (blocksize 64, no double
-    quantization, as PEFT: saved with ``changed_base_ok=True``, then ``remove_lora`` and
-    ``quantize_model(model, double_quant=False)``, the base stores exactly that NF4 weight and the
-    adapter loads back onto it). ``loftq_config``: ``{"loftq_bits": 4, "loftq_iter": n}`` or PEFT's ``LoftQConfig``
-    (default one iteration). Both need float ``nn.Linear`` bases that carry no other adapter
+    as the base), ``"pissa"`` (or ``"pissa_niter_K"``, by randomized SVD) or ``"loftq"``
+    (:mod:`loracore.lora_init`), which start from a non-zero ``B·A`` and **change the targeted
+    base weights**: PiSSA to the residual ``W - scaling·B·A``, LoftQ to the float values of an
+    NF4 weight (blocksize 64, no double quantization, as PEFT; saved with
+    ``changed_base_ok=True``, then ``remove_lora`` and ``quantize_model(model,
+    double_quant=False)``, the base stores exactly that NF4 weight and the adapter loads back
+    onto it). ``loftq_config``: ``{"loftq_bits": 4, "loftq_iter": n}`` or PEFT's
+    ``LoftQConfig`` (default one iteration). Both need float ``nn.Linear`` bases that carry no other adapter
     and no tied weight, and plain LoRA (no DoRA). The adapter is valid only on the changed base:
     :func:`changed_bases` records it, and :func:`loracore.adapters.save_adapter` refuses to save
     it unless told what to write (``convert_to_lora=True`` for PiSSA, ``changed_base_ok=True``).
@@ -195,8 +197,8 @@ def inject(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha
 
 
 def _check_init(init_lora_weights: object, loftq_config: object, use_dora: bool) -> dict | None:
-    """``None`` for plain LoRA, else ``{"init": "pissa" | "loftq", "loftq_iter": n}``; a clear
-    error for anything else."""
+    """``None`` for plain LoRA, else ``{"init": "pissa"}`` (with ``"niter"`` for the randomized
+    SVD) or ``{"init": "loftq", "loftq_iter": n}``; a clear error for anything else."""
     niter = (re.fullmatch(r"pissa_niter_(\d+)", init_lora_weights)
              if isinstance(init_lora_weights, str) else None)
     if not niter and not any(init_lora_weights is v or (isinstance(init_lora_weights, str)
