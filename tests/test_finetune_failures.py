@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -132,13 +133,23 @@ def _child(fault: str, arg: str, out: Path, *extra: str, snapshot: Path | None =
                           text=True, timeout=180)
 
 
-@pytest.fixture
-def unfinished(tmp_path) -> Path:
-    """An output folder whose run (6 steps, a checkpoint every 2) was killed after step 2's
-    checkpoint: --resume continues it."""
-    out = tmp_path / "unfinished"
+@pytest.fixture(scope="module")
+def _unfinished_once(tmp_path_factory) -> Path:
+    """One run (6 steps, a checkpoint every 2) killed after step 2's checkpoint, made once per
+    module: the kill comes after the checkpoint is complete, so every copy is the same folder."""
+    out = tmp_path_factory.mktemp("killed") / "unfinished"
     child = _child("kill-after-checkpoint", "2", out, "--steps", "6", "--save-every", "2")
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def unfinished(_unfinished_once, tmp_path) -> Path:
+    """A fresh copy of that killed run's output folder, for one test to damage: --resume
+    continues it."""
+    out = tmp_path / "unfinished"
+    shutil.copytree(_unfinished_once, out, symlinks=True)
+    assert _tree(out) == _tree(_unfinished_once)
     return out
 
 
