@@ -316,7 +316,7 @@ def test_hidden_checks_fail_an_answer_tuned_to_the_visible_ones_and_canvas_gets_
     cls.mkdir()
     _notebook(labs, cls / "ada@uni.edu.ipynb", REAL, PROBE)
     _notebook(labs, cls / "bob@uni.edu.ipynb", TUNED)
-    _notebook(labs, cls / "cy@uni.edu.ipynb", TUNED, FORGE)
+    _notebook(labs, cls / "cy@uni.edu.ipynb", TUNED, FORGE, at_end=True)  # just before the hidden cell
     _notebook(labs, cls / "dee@uni.edu.ipynb", REAL, "import sys\nsys.exit(0)", at_end=True)
     (tmp_path / "hidden.py").write_text(HIDDEN)
     (tmp_path / "roster.csv").write_text(CANVAS_EXPORT, encoding="utf-8")
@@ -360,19 +360,16 @@ def test_hidden_checks_fail_an_answer_tuned_to_the_visible_ones_and_canvas_gets_
 
 # --------------------------------------------------------------------------- the real lab 01
 
-HIDDEN01 = textwrap.dedent("""\
-    import torch
-    from loracore.selfcheck import Check, call_learner, exercise, report
+def _readme_hidden_example() -> str:
+    """The hidden-checks file the README shows (so the README's example is the one tested)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("# hidden/lab01.py\n", 1)[1].split("```", 1)[0]
+    return textwrap.dedent(block)
 
-    @exercise(points=2)
-    def check_lora_forward(lora_forward):
-        g = torch.Generator().manual_seed(7)
-        x, W, b = torch.randn(3, 7, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
-        A, B = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
-        want = x @ W.T + b + 0.5 * (x @ A.T) @ B.T
-        report("lora_forward, other shapes", [
-            Check.close("other shapes and scaling", call_learner(lora_forward, x, W, b, A, B, 0.5), want)])
-    """)
+
+def test_the_readmes_hidden_checks_example_is_a_valid_file_for_lab01():
+    hidden = hidden_from_source(_readme_hidden_example(), find_lab("lab01"))
+    assert hidden.checks == ("lora_forward",) and hidden.extra == ()
 
 
 @pytest.mark.slow
@@ -390,11 +387,14 @@ def test_on_lab01_a_hidden_check_fails_a_forward_tuned_to_the_visible_shapes(tmp
     (tmp_path / "class").mkdir()
     nbformat.write(solution, tmp_path / "class" / "solved.ipynb")
     nbformat.write(tuned, tmp_path / "class" / "tuned.ipynb")
-    (tmp_path / "hidden01.py").write_text(HIDDEN01)
+    (tmp_path / "hidden01.py").write_text(_readme_hidden_example())
     out = tmp_path / "gradebook.csv"
     proc = _cli("lab01", str(tmp_path / "class"), "--hidden", str(tmp_path / "hidden01.py"),
-                "--out", str(out), "--jobs", "2", "--timeout", "1200")
+                "--out", str(out), "--feedback", str(tmp_path / "fb"), "--jobs", "2", "--timeout", "1200")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {Path(r["submission"]).stem: r for r in csv.DictReader(open(out, encoding="utf-8"))}
     assert (rows["solved"]["lora_forward"], rows["solved"]["total"]) == ("2", "10"), rows["solved"]
     assert (rows["tuned"]["lora_forward"], rows["tuned"]["total"]) == ("0", "8"), rows["tuned"]
+    tuned_feedback = next((tmp_path / "fb").glob("*tuned.md")).read_text()
+    assert "FAIL (hidden) other shapes" in tuned_feedback  # the visible check passed, the hidden one not
+    assert tuned_feedback.count("FAIL") == 1, tuned_feedback

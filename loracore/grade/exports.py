@@ -16,10 +16,12 @@ per assignment named ``Title (assignment id)``; the second row is ``    Points P
 spaces, as Canvas writes it) with each assignment's points; then one row per student, the name
 written "Last, First". Where this is documented: Canvas's exporter (instructure/canvas-lms,
 ``Course#gradebook_to_csv`` in ``app/models/course.rb``: the header, the ``Points Possible``
-row, ``title_with_id`` columns) and the import guides built on it (Ohio State's "Import a CSV
-file to Carmen grades": one of Student / ID / SIS User ID identifies the student, plus SIS Login
-ID and Section, plus one column per assignment; a new assignment column creates a new
-assignment; a score already there is overwritten). So the lab is *one* assignment column (the
+row, ``title_with_id`` columns) and the import guides built on it (Ohio State's teaching
+resources, "Import a CSV File to Carmen Grades", Carmen being their Canvas: one of Student / ID
+/ SIS User ID identifies the student, plus SIS Login ID and Section, plus one column per
+assignment; a new assignment column creates a new assignment; a score already there is
+overwritten; Canvas's own guide to the gradebook export: read-only columns are ignored on
+re-import). So the lab is *one* assignment column (the
 total): per-exercise columns would make one Canvas assignment each. Name the column as it
 appears in your own Canvas export (``--assignment "Lab 01 (123456)"``) so the import finds the
 assignment instead of creating one. The roster is that same export (its ``Points Possible`` row
@@ -27,10 +29,11 @@ and rows without the key are skipped).
 
 Gradescope (:func:`gradescope_rows`): ``First Name, Last Name, SID, Email, Total Score``, one
 row per student. Gradescope identifies a student by e-mail (unique per course member) or SID,
-its roster guide says ("Adding Students and Staff": columns with headers, names full or split
-in first and last, UTF-8 for accented characters); the names of the columns are those of
-Gradescope's own grade export (``First Name, Last Name, SID, Email, Sections, Total Score, Max
-Points, Status, ...``, guide "Exporting Grades"). The page documenting the scores-upload CSV
+its roster guide says (Gradescope guides, "Adding Students and Staff": columns with headers,
+unique e-mail addresses, names full or split in first and last, UTF-8 for accented characters);
+the names of the columns are those of Gradescope's own grade export (``First Name, Last Name,
+SID, Email, Sections, Total Score, Max Points, Status, ...``, guide "Exporting Grades,
+Evaluations, and Submissions", as public code that reads that export spells them). The page documenting the scores-upload CSV
 itself was not in the references this was built from: check one upload by hand before relying
 on it. The roster is Gradescope's roster export (``First Name, Last Name, SID, Email, Role``).
 
@@ -185,6 +188,15 @@ def check_roster_for(roster: Roster, platform: str) -> None:
                          f"its columns: {roster.columns}")
 
 
+def _by_row(results: list[Result], matched: Matched) -> dict[int, Result]:
+    """Each result under its roster row (by identity): a result of no matched submission is refused."""
+    stray = [r.submission for r in results if r.submission not in matched.by_submission]
+    if stray:
+        raise ValueError(f"loracore grade: results for submissions the roster was not matched with: "
+                         f"{stray}")
+    return {id(matched.by_submission[r.submission]): r for r in results}
+
+
 def _score(result: Result | None, missing: str) -> str:
     if result is None:
         return "0" if missing == "zero" else ""
@@ -206,7 +218,7 @@ def canvas_rows(lab: Lab, results: list[Result], matched: Matched, assignment: s
     check_roster_for(matched.roster, "canvas")
     if not assignment.strip():
         raise ValueError("loracore grade: the Canvas assignment column needs a name")
-    by_row = {id(matched.by_submission[r.submission]): r for r in results}
+    by_row = _by_row(results, matched)
     rows = [[*CANVAS_IDENTITY, assignment],
             [CANVAS_POINTS_ROW, "", "", "", "", points_text(lab.max_points)]]
     for row in matched.roster.rows:
@@ -229,7 +241,7 @@ def gradescope_rows(lab: Lab, results: list[Result], matched: Matched,
     """Gradescope's layout: header, one row per roster student (names, SID, e-mail, total)."""
     _check_missing(missing)
     check_roster_for(matched.roster, "gradescope")
-    by_row = {id(matched.by_submission[r.submission]): r for r in results}
+    by_row = _by_row(results, matched)
     rows = [list(GRADESCOPE_COLUMNS)]
     for row in matched.roster.rows:
         first, last = _split_name(row)
