@@ -27,9 +27,10 @@ cell for a hidden exercise counts for nothing; the feedback names a failed hidde
 (``FAIL (hidden) NAME``) without its expected value, output or hint.
 
 What is not: the checks run in the learner's process, as the visible ones do, so learner code
-that runs *during* the hidden cell (an IPython ``pre_run_cell`` hook registered earlier, a
-replaced ``selfcheck._record`` or ``torch.allclose``, a thread) can read that cell's source or
-forge its verdicts; and the kernel may read any file the grading user may (the sandbox limits
+that runs *during* the hidden cell (an IPython ``pre_run_cell`` hook or input transformer
+registered earlier, a replaced ``selfcheck._record`` or ``torch.allclose``, a thread) can read
+that cell's source, rewrite it or forge its verdicts (a rewritten cell that reports nothing
+fails the hidden checks; one that writes passing verdicts is the forgery the README names); and the kernel may read any file the grading user may (the sandbox limits
 writes, not reads), the hidden file included if its path is found (it is in the grader's
 command line, ``/proc/PID/cmdline``). Hidden checks stop a learner who tuned an answer to the
 visible checks; they do not stop one who attacks the grader, which is for a reviewer to spot.

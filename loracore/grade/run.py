@@ -14,7 +14,8 @@ most :data:`~loracore.grade.verdicts.VERDICTS_MAX_BYTES`, never following a link
 a record written at any other time (a learner's cell, a process it left running that holds
 the file open) is never merged. Code of the learner's running *during* a check cell (a thread,
 a process that opens the file then, or a replaced ``selfcheck._record``) can still write one:
-the checks run in the learner's process, as the README says.
+the checks run in the learner's process, as the README says. Hidden checks
+(:mod:`loracore.grade.hidden`) run in one more cell the runner appends, read the same way.
 """
 
 from __future__ import annotations
