@@ -5,6 +5,8 @@ A subcommand is a module-level ``add_NAME(subparsers)`` that declares its argume
 them. A new one (``finetune``, ``serve``) is one more such function and one more entry.
 
     loracore grade lab01 submissions/ --out gradebook.csv --feedback feedback/ --jobs 2
+    loracore grade lab01 submissions/ --hidden hidden/lab01.py --roster roster.csv \
+        --canvas canvas.csv --assignment "Lab 01 (123456)" --gradescope gradescope.csv
     loracore finetune --model smollm2-135m --data train.jsonl --out runs/x --steps 90
     loracore export merged runs/x --out merged/x
     loracore export gguf runs/x --out x.gguf --base-gguf base.gguf --write-base smollm2-135m
@@ -44,6 +46,28 @@ def add_grade(subparsers: argparse._SubParsersAction) -> None:
                    help="memory limit of each notebook's kernel, in MB (default 6144)")
     p.add_argument("--labs", type=Path, default=None, metavar="DIR",
                    help="where the course's lab notebooks are (default: the course's labs/)")
+    p.add_argument("--hidden", type=Path, metavar="FILE",
+                   help="hidden checks (a Python file of @exercise checks) run after each notebook "
+                        "in its kernel; never shown in the lab")
+    platform = p.add_argument_group("gradebooks for a learning platform (need --roster)")
+    platform.add_argument("--roster", type=Path, metavar="FILE",
+                          help="the class list exported from Canvas (its gradebook CSV) or "
+                               "Gradescope (its roster CSV); each submission is named after one "
+                               "of its columns: jdoe@uni.edu.ipynb")
+    platform.add_argument("--roster-key", metavar="COLUMN", default=None,
+                          help="the roster column submissions are named after (default: the first "
+                               "of 'SIS Login ID', 'Email', 'SIS User ID', 'SID', 'ID' it has)")
+    platform.add_argument("--canvas", type=Path, metavar="FILE",
+                          help="write a gradebook in Canvas's import layout (one assignment column)")
+    platform.add_argument("--assignment", metavar="NAME", default=None,
+                          help="the Canvas assignment column, as your Canvas export names it, e.g. "
+                               "'Lab 01 (123456)' (default: the lab's name, which Canvas would "
+                               "import as a new assignment)")
+    platform.add_argument("--gradescope", type=Path, metavar="FILE",
+                          help="write the scores in Gradescope's layout (names, SID, Email, Total Score)")
+    platform.add_argument("--missing", choices=["blank", "zero"], default="blank",
+                          help="the score of a roster learner without a submission (default blank: "
+                               "the platform keeps what it has)")
     p.set_defaults(func=run_grade)
 
 
@@ -55,7 +79,9 @@ def run_grade(args: argparse.Namespace) -> int:
     except MissingExtra as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from loracore.grade import LABS_DIR, Limits, grade, threads_per_job
+    from loracore.grade import LABS_DIR, Limits, find_submissions, grade, threads_per_job
+    from loracore.grade.exports import (canvas_rows, check_roster_for, gradescope_rows,
+                                        match_roster, read_roster, write_rows)
     from loracore.grade.gradebook import summary_markdown, write_chart, write_csv, write_feedback
 
     limits = Limits(timeout=args.timeout, memory_mb=args.memory,
@@ -65,9 +91,19 @@ def run_grade(args: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {r.submission}: {r.total():g} points ({r.status}, {r.seconds:.0f} s)",
               file=sys.stderr, flush=True)
 
+    matched = None
     try:
+        if (args.canvas or args.gradescope) and not args.roster:
+            raise ValueError("loracore grade: --canvas and --gradescope need --roster, the class "
+                             "list that names each learner's submission")
+        if args.roster:  # every learner matched before an hour of grading, not after
+            roster = read_roster(args.roster, args.roster_key)
+            for platform, wanted in (("canvas", args.canvas), ("gradescope", args.gradescope)):
+                if wanted:
+                    check_roster_for(roster, platform)
+            matched = match_roster(roster, find_submissions(args.submissions))
         lab, results = grade(args.lab, args.submissions, jobs=args.jobs, limits=limits,
-                             labs_dir=args.labs or LABS_DIR, progress=progress)
+                             labs_dir=args.labs or LABS_DIR, progress=progress, hidden=args.hidden)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,9 +118,20 @@ def run_grade(args: argparse.Namespace) -> int:
     out.with_suffix(".md").write_text(summary_markdown(lab, results, chart.name), encoding="utf-8")
     if args.feedback:
         write_feedback(args.feedback, lab, results)
+    if matched is not None:
+        if args.canvas:
+            write_rows(args.canvas, canvas_rows(lab, results, matched, args.assignment or lab.name,
+                                                args.missing))
+        if args.gradescope:
+            write_rows(args.gradescope, gradescope_rows(lab, results, matched, args.missing))
+        if matched.missing:
+            print(f"{len(matched.missing)} learner(s) of the roster have no submission (score "
+                  f"{args.missing}): " + ", ".join(r[matched.roster.key] for r in matched.missing),
+                  file=sys.stderr)
     ok = sum(r.status == "ok" for r in results)
     print(f"graded {len(results)} submission(s) of lab {lab.number} ({ok} ran to the end): {out}, "
-          f"{out.with_suffix('.md')}, {chart}" + (f", feedback in {args.feedback}" if args.feedback else ""))
+          f"{out.with_suffix('.md')}, {chart}" + (f", feedback in {args.feedback}" if args.feedback else "")
+          + "".join(f", {p}" for p in (args.canvas, args.gradescope) if p and matched is not None))
     return 0
 
 

@@ -8,9 +8,11 @@ One idea per module:
 - :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, writes, signals);
 - :mod:`loracore.grade.verdicts`: the checks' verdict records, read back safely, and a
   submission's :class:`Result`;
+- :mod:`loracore.grade.hidden`: an instructor's hidden checks, run in a last cell at grading;
 - :mod:`loracore.grade.run`: one submission in its own kernel, with a time limit, read back as
   the checks' verdicts;
-- :mod:`loracore.grade.gradebook`: gradebook.csv, the class summary, feedback files.
+- :mod:`loracore.grade.gradebook`: gradebook.csv, the class summary, feedback files;
+- :mod:`loracore.grade.exports`: Canvas's and Gradescope's CSV layouts, joined with a roster.
 
 :func:`grade` runs a batch, each submission in its own process, ``jobs`` at a time.
 """
@@ -30,12 +32,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from loracore.grade.hidden import Hidden, load_hidden
 from loracore.grade.labs import LABS_DIR, Exercise, Lab, find_lab
 from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict
 from loracore.grade.sandbox import kill_descendants
 
-__all__ = ["grade", "find_submissions", "find_lab", "Lab", "Exercise", "Limits", "Result",
-           "Verdict", "threads_per_job"]
+__all__ = ["grade", "find_submissions", "find_lab", "load_hidden", "Hidden", "Lab", "Exercise",
+           "Limits", "Result", "Verdict", "threads_per_job"]
 
 #: Seconds the grader allows a submission's process beyond its notebook's time limit
 #: (kernel start and shutdown) before it kills the whole process group.
@@ -111,7 +114,8 @@ def _stop(proc: subprocess.Popen, answered: bool) -> None:
         pass
 
 
-def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits) -> Result:
+def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits,
+                    hidden: Hidden | None = None) -> Result:
     """Grade one submission in a child process (the runner); nothing of it outlives its grading.
 
     The result comes back on a pipe given to the runner alone (the kernel it starts never has
@@ -120,7 +124,7 @@ def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits) -> Resu
     ``EXIT_WAIT_SECONDS`` for the runner to exit before it and its processes are killed.
     """
     job = json.dumps({"path": path, "lab": lab.number, "labs_dir": str(labs_dir),
-                      "limits": asdict(limits)})
+                      "limits": asdict(limits), "hidden": hidden.source if hidden else None})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     zeros = {e.name: 0.0 for e in lab.exercises}
@@ -187,15 +191,22 @@ def threads_per_job(jobs: int) -> int:
 
 def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
           limits: Limits | None = None, labs_dir: Path = LABS_DIR,
-          progress: Callable[[int, int, Result], None] | None = None) -> tuple[Lab, list[Result]]:
+          progress: Callable[[int, int, Result], None] | None = None,
+          hidden: Hidden | str | Path | None = None) -> tuple[Lab, list[Result]]:
     """Grade every notebook in ``submissions`` for ``lab``; ``jobs`` of them at a time.
 
     Each runs in a process of its own (see :mod:`loracore.grade.run`); results come back
     sorted by path, the same for any ``jobs``. Torch gets :func:`threads_per_job` threads per kernel.
+    ``hidden`` (a file, or :func:`load_hidden`'s result) adds hidden checks: the returned lab
+    holds their extra exercises after its own.
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"loracore grade: --jobs must be a whole number >= 1, got {jobs!r}")
     lab = lab if isinstance(lab, Lab) else find_lab(lab, labs_dir)
+    if hidden is not None and not isinstance(hidden, Hidden):
+        hidden = load_hidden(hidden, lab)
+    if hidden is not None:
+        lab = hidden.extend(lab)
     paths = find_submissions(submissions)
     if limits is None:
         limits = Limits(threads=threads_per_job(jobs))
@@ -203,7 +214,7 @@ def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
         prepare_model_cache()
     results: list[Result] = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_in_process, p, lab, labs_dir, limits) for p in paths]
+        futures = [pool.submit(_run_in_process, p, lab, labs_dir, limits, hidden) for p in paths]
         for future in as_completed(futures):
             result = future.result()
             results.append(result)

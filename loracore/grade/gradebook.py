@@ -106,6 +106,9 @@ def feedback_markdown(lab: Lab, result: Result) -> str:
         if v is None or v.passed:
             continue
         for check in v.failed:
+            if check.get("hidden"):  # what a hidden check expects stays with the instructor
+                lines += ["", f"- FAIL (hidden) {check.get('name', '')}"]
+                continue
             lines += ["", f"- FAIL {check.get('name', '')}",
                       f"  - expected: {check.get('expected', '')}",
                       f"  - got: {check.get('got', '')}"]

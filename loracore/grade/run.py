@@ -14,7 +14,8 @@ most :data:`~loracore.grade.verdicts.VERDICTS_MAX_BYTES`, never following a link
 a record written at any other time (a learner's cell, a process it left running that holds
 the file open) is never merged. Code of the learner's running *during* a check cell (a thread,
 a process that opens the file then, or a replaced ``selfcheck._record``) can still write one:
-the checks run in the learner's process, as the README says.
+the checks run in the learner's process, as the README says. Hidden checks
+(:mod:`loracore.grade.hidden`) run in one more cell the runner appends, read the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import nbformat
 
 from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
+from loracore.grade.hidden import Hidden, fail_unreported, hidden_cell, hidden_from_source, merge_hidden
 from loracore.grade.labs import Lab, find_lab
 from loracore.grade.restore import NotGradable, read_submission, restore
 from loracore.grade.sandbox import become_subreaper, kill_descendants
@@ -155,6 +157,7 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
     deadline = time.monotonic() + limits.timeout
     stopped_at: str | None = None
     cell_errors: dict[str, str] = {}
+    hidden_seen: set[str] = set()
 
     try:
         # The kernel's own output goes nowhere: it must not reach this process's descriptors.
@@ -165,7 +168,7 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                 client.timeout = max(1, int(deadline - time.monotonic()))
                 if deadline - time.monotonic() <= 0:
                     raise CellTimeoutError("the notebook's time is up")
-                checked = graded.origin == "course" and bool(graded.checks)
+                checked = graded.origin in ("course", "hidden") and bool(graded.checks)
                 if checked:  # only what this cell's run writes counts
                     remove(verdict_file)
                 client.execute_cell(graded.cell, index)
@@ -178,7 +181,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
                     # sys.exit / exit(): the learner asked the notebook to stop, as a script would
                     result.status = "exited"
                     stopped_at = f"cell {index + 1} called sys.exit() and the rest did not run"
-                if checked:  # only the course's check cells can grade
+                if checked and graded.origin == "hidden":
+                    merge_hidden(result.verdicts, records, graded, hidden_seen)
+                elif checked:  # only the course's check cells (and the grader's hidden one) grade
                     for record in records:
                         if record["exercise"] in graded.checks:
                             merge_record(result.verdicts, record)
@@ -219,6 +224,7 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
         if e.name not in result.verdicts:
             why = cell_errors.get(e.name) or stopped_at or "its check cell did not report a verdict"
             result.verdicts[e.name] = Verdict(False, [], f"the check did not run to a verdict: {why}")
+    fail_unreported(result.verdicts, nb_cells, hidden_seen, stopped_at)
     notes = [stopped_at] if stopped_at else []
     mem = [c for c in nb.cells if _first_error(c).startswith("MemoryError")
            or "DefaultCPUAllocator" in _first_error(c)]
@@ -229,8 +235,9 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
     result.reason = "; ".join(filter(None, [result.reason, *notes]))
 
 
-def grade_one(path: str, lab: Lab, limits: Limits) -> Result:
-    """Grade the submission at ``path`` for ``lab``; the file itself is only read."""
+def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None) -> Result:
+    """Grade the submission at ``path`` for ``lab`` (with ``hidden`` checks: ``hidden.extend(lab)``
+    and its cell last); the file itself is only read."""
     start = time.monotonic()
     result = Result(path, "ok", points={e.name: 0.0 for e in lab.exercises})
     workdir = Path(tempfile.mkdtemp(prefix="loracore-grade-"))
@@ -242,7 +249,7 @@ def grade_one(path: str, lab: Lab, limits: Limits) -> Result:
         if restored.restored:
             notes.append(f"{restored.restored} lab cell(s) changed or deleted by the learner, restored")
         result.reason = "; ".join(notes)
-        _execute(restored.cells, lab, workdir, limits, result)
+        _execute(restored.cells + ([hidden_cell(hidden)] if hidden else []), lab, workdir, limits, result)
     except NotGradable as exc:
         result.status, result.reason = exc.status, exc.reason
     except OSError as exc:
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     _is_runner = become_subreaper()
     job = json.loads(sys.stdin.read())
     lab = find_lab(job["lab"], Path(job["labs_dir"]))
-    result = grade_one(job["path"], lab, Limits(**job["limits"]))
+    hidden = hidden_from_source(job["hidden"], lab) if job.get("hidden") else None
+    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden)
     data = json.dumps(asdict(result)).encode()
     if args.result_fd is None:
         sys.stdout.write("\n" + data.decode() + "\n")
