@@ -67,7 +67,6 @@ import nb as nbtools  # noqa: E402
 # Lessons 03, 07 and 11 are being re-executed with the shared memory arithmetic (issue 24); their
 # prose is checked once their new outputs are merged. Remove an entry when its notebook is merged.
 PENDING = {
-    "lessons/03_lora_in_a_transformer.ipynb",
     "lessons/07_paged_optimizers.ipynb",
     "lessons/11_beyond_one_machine.ipynb",
 }
