@@ -64,13 +64,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import nb as nbtools  # noqa: E402
 
-# Lessons 03, 07 and 11 are being re-executed with the shared memory arithmetic (issue 24); their
-# prose is checked once their new outputs are merged. Remove an entry when its notebook is merged.
-PENDING = {
-    "lessons/07_paged_optimizers.ipynb",
-    "lessons/11_beyond_one_machine.ipynb",
-}
-
 NOTEBOOKS = [p for p in nbtools.all_notebooks() if p.parent.name in ("lessons", "solutions")]
 IDS = [f"{p.parent.name}/{p.name}" for p in NOTEBOOKS]
 
@@ -210,17 +203,10 @@ def unsupported(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_every_measured_number_in_the_prose_is_in_the_stored_outputs(path):
     name = f"{path.parent.name}/{path.name}"
-    if name in PENDING:
-        pytest.skip(f"{name} is being re-executed (PENDING)")
     problems = unsupported(path)
     assert not problems, (
         f"{name}: numbers in the prose that no stored output shows (change the prose to what the "
         "outputs say, or mark a quoted figure: see this test's docstring):\n  " + "\n  ".join(problems))
-
-
-def test_pending_names_existing_notebooks():
-    names = {f"{p.parent.name}/{p.name}" for p in NOTEBOOKS}
-    assert PENDING <= names, PENDING - names
 
 
 OUTPUT = ("r=16: 7/8 right (0.875), held-out loss 0.0581, 1104.2 GB, step 1.504 s, 155520 params, "
