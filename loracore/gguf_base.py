@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from loracore.atomic import atomic_write_file, disk_write_error
-from loracore.gguf_export import ARCHITECTURES, DTYPES, rope_rows_interleaved
+from loracore.gguf_export import ARCHITECTURES, DTYPES, add_tensor, rope_rows_interleaved, write_and_close
 
 __all__ = ["export_gguf_base", "PRE_TOKENIZERS"]
 
@@ -129,7 +129,7 @@ def export_gguf_base(model: nn.Module, tokenizer, out_file: str | os.PathLike, *
     arch = _check(model)
     config = model.config
     tensors = _tensors(model, arch)
-    np_dtype, ggml_type, file_type = DTYPES[dtype]
+    _, _, file_type = DTYPES[dtype]
     if dtype == "f16":
         big = [k for k, t in tensors.items() if t.dim() > 1 and t.abs().max() > np.finfo(np.float16).max]
         if big:
@@ -155,18 +155,9 @@ def export_gguf_base(model: nn.Module, tokenizer, out_file: str | os.PathLike, *
         writer.add_vocab_size(config.vocab_size)
         _tokenizer_fields(writer, tokenizer, config.vocab_size, arch)
         for key, t in tensors.items():
-            if t.dim() == 1:  # norms and biases stay float32, as llama.cpp's converter keeps them
-                writer.add_tensor(key, t.numpy())
-            elif dtype == "bf16":
-                writer.add_tensor(key, gguf.quants.quantize(t.numpy(), ggml_type), raw_dtype=ggml_type)
-            else:
-                writer.add_tensor(key, t.numpy().astype(np_dtype))
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+            # norms and biases stay float32, as llama.cpp's converter keeps them
+            add_tensor(writer, key, t, "f32" if t.dim() == 1 else dtype)
+        write_and_close(writer, tmp)
 
     out = Path(out_file)
     try:

@@ -221,7 +221,7 @@ def _base_info(adapter: AdapterFile, base_gguf: Path | None, config: object) -> 
 
 def _write_gguf(tmp: Path, arch: str, alpha: float, tensors: dict[str, torch.Tensor],
                 dtype: str, name: str) -> None:
-    np_dtype, ggml_type, file_type = DTYPES[dtype]
+    _, _, file_type = DTYPES[dtype]
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -229,13 +229,24 @@ def _write_gguf(tmp: Path, arch: str, alpha: float, tensors: dict[str, torch.Ten
     writer.add_name(name)
     writer.add_file_type(file_type)
     for key, t in tensors.items():
-        data = t.numpy().astype(np_dtype)
-        if dtype == "bf16":  # numpy has no bfloat16: gguf packs it into bytes
-            writer.add_tensor(key, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
-        else:
-            writer.add_tensor(key, data)
+        add_tensor(writer, key, t, dtype)
+    write_and_close(writer, tmp)
+
+
+def add_tensor(writer: gguf.GGUFWriter, key: str, t: torch.Tensor, dtype: str) -> None:
+    """Add ``t`` (float32, on the CPU) to ``writer`` as ``key`` in ``dtype`` (a :data:`DTYPES` key)."""
+    np_dtype, ggml_type, _ = DTYPES[dtype]
+    data = t.numpy().astype(np_dtype)
+    if dtype == "bf16":  # numpy has no bfloat16: gguf packs it into bytes
+        writer.add_tensor(key, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
+    else:
+        writer.add_tensor(key, data)
+
+
+def write_and_close(writer: gguf.GGUFWriter, path: Path) -> None:
+    """Write the header, the metadata and the tensors ``writer`` holds to ``path``; close it."""
     try:
-        writer.write_header_to_file(path=tmp)
+        writer.write_header_to_file(path=path)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:

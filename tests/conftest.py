@@ -23,7 +23,7 @@ from torch import nn
 
 from loracore.layer import LoRALinear
 from loracore.models import load_base_model
-from loracore.surgery import lora_layers
+from loracore.surgery import inject, lora_layers
 
 Q0 = "model.layers.0.self_attn.q_proj"  # the first LoRA target of tiny_qwen2, named in messages
 
@@ -121,3 +121,15 @@ def fail_on_call(monkeypatch, owner, name: str, n: int, exc: BaseException | Non
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, wrapper)
+
+
+def with_adapter(model: nn.Module, targets, r: int, alpha: float, *, seed: int = 1,
+                 **kwargs) -> nn.Module:
+    """A copy of ``model`` with adapter "default" on ``targets``, B non-zero (so it matters)."""
+    m = inject(copy.deepcopy(model), targets, r, alpha, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lay in lora_layers(m).values():
+            w = lay.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    return m

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import loracore.gguf_export as G
+from conftest import with_adapter
 from loracore.adapter_file import read_adapter
 from loracore.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from loracore.cli import main
@@ -57,17 +57,6 @@ def tiny_llama():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
-
-
-def with_adapter(model: nn.Module, targets, r: int, alpha: float, *, seed: int = 1, **kwargs) -> nn.Module:
-    """A copy of ``model`` with adapter "default" on ``targets``, B non-zero (so it matters)."""
-    m = inject(copy.deepcopy(model), targets, r, alpha, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for lay in lora_layers(m).values():
-            w = lay.lora_B["default"].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
-    return m
 
 
 def gguf_name(module: str) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 import loracore.adapters as adapters
 import loracore.layer as layer_mod
 import loracore.surgery as surgery
+from conftest import with_adapter
 from loracore.adapter_file import FORMAT, AdapterFile, read_adapter, refuse_or_warn
 from loracore.adapters import CONFIG_NAME, WEIGHTS_NAME, check_base, load_adapter, save_adapter
 from loracore.fingerprint import foreign_adapters, forget_foreign
@@ -25,18 +26,6 @@ from loracore.layer import LoRALinear, check_adapter_name
 from loracore.surgery import delete_adapter, inject, inject_modules, lora_layers, remove_lora
 
 Q0 = "model.layers.0.self_attn.q_proj"
-
-
-def with_adapter(model: nn.Module, targets, r: int, alpha: float, *, seed: int = 1,
-                 **kwargs) -> nn.Module:
-    """A copy of ``model`` with adapter "default" on ``targets``, B non-zero (so it matters)."""
-    m = inject(copy.deepcopy(model), targets, r, alpha, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for lay in lora_layers(m).values():
-            w = lay.lora_B["default"].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
-    return m
 
 
 def files(folder) -> dict[str, bytes]:
