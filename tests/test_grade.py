@@ -39,7 +39,7 @@ SOLUTION01 = ROOT / "solutions" / "lab01_lora_layer.ipynb"
 # about a minute on 2 quiet cores, up to 7 on a machine loaded 7 times over), short for the
 # batch with the notebook that never does (it costs exactly that long).
 TIMEOUT = int(os.environ.get("LORACORE_GRADE_TEST_TIMEOUT", "1200"))
-HANG_TIMEOUT = 60
+HANG_TIMEOUT = 20
 
 
 def _env() -> dict[str, str]:
