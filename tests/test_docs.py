@@ -6,6 +6,9 @@
 - Lesson 00's roadmap links every lesson and every lab, in the order of the README's course table,
   and its links resolve too.
 - The glossary says where each term is taught, so every lesson and lab is linked from it.
+- Every relative link and image in the Markdown of every lesson, lab and solution notebook
+  resolves (JupyterLab renders ``![alt](../docs/figures/x.png)`` from the notebook's folder), and
+  every image has alt text.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COURSE = sorted((ROOT / "lessons").glob("*.ipynb")) + sorted((ROOT / "labs").glob("*.ipynb"))
+NOTEBOOKS = COURSE + sorted((ROOT / "solutions").glob("*.ipynb"))
 TOUR = ROOT / "lessons" / "00_tour.ipynb"
 
 _FENCE = re.compile(r"^\s*(```|~~~).*?^\s*\1", re.MULTILINE | re.DOTALL)
@@ -29,6 +33,7 @@ _REFERENCE = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$"
 _HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _HTML_ANCHOR = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(")
 
 
 def _prose(text: str) -> str:
@@ -122,6 +127,17 @@ def test_the_checker_finds_a_missing_file_a_missing_anchor_and_a_path_outside(tm
                         tmp_path / "docs", root=tmp_path) == []
 
 
+def test_the_checker_finds_a_missing_image_and_one_without_alt_text(tmp_path):
+    (tmp_path / "docs" / "figures").mkdir(parents=True)
+    (tmp_path / "docs" / "figures" / "f.png").write_bytes(b"\x89PNG")
+    (tmp_path / "lessons").mkdir()
+    page = "![a drawn figure](../docs/figures/f.png) ![](../docs/figures/gone.png)"
+    assert broken_links(page, tmp_path / "lessons", root=tmp_path) == [
+        "../docs/figures/gone.png: no such file"]
+    assert images_without_alt_text(page) == 1
+    assert images_without_alt_text("![a drawn figure](x.png)") == 0
+
+
 # --------------------------------------------------------------------------- the pages
 
 
@@ -136,6 +152,24 @@ def test_the_course_pages_exist_and_the_readme_links_them():
     for page in ("docs/GLOSSARY.md", "docs/WHERE_NEXT.md"):
         assert (ROOT / page).is_file(), f"{page} is missing"
         assert page in readme_targets, f"README.md does not link {page}"
+
+
+def images_without_alt_text(text: str) -> int:
+    """How many Markdown images in ``text`` have empty alt text.
+
+    >>> images_without_alt_text("![a figure](x.png) ![](y.png) `![](code.png)`")
+    1
+    """
+    return sum(not alt.strip() for alt in _IMAGE.findall(_prose(text)))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_and_image_of_a_notebook_resolves(notebook):
+    text = _markdown_of(notebook)
+    problems = broken_links(text, notebook.parent)
+    if images_without_alt_text(text):
+        problems.append(f"{images_without_alt_text(text)} image(s) without alt text: write what the figure shows")
+    assert not problems, f"{notebook.relative_to(ROOT)}:\n" + "\n".join(problems)
 
 
 def test_the_tour_links_every_lesson_and_lab_in_the_readme_order():
