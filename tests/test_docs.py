@@ -6,6 +6,8 @@
 - Lesson 00's roadmap links every lesson and every lab, in the order of the README's course table,
   and its links resolve too.
 - The glossary says where each term is taught, so every lesson and lab is linked from it.
+- Every lesson states what the learner will be able to do right after its introduction (3 to 5
+  "By the end of this lesson you can" bullets) and ends with 3 to 6 takeaways.
 - Every relative link and image in the Markdown of every lesson, lab and solution notebook
   resolves (JupyterLab renders ``![alt](../docs/figures/x.png)`` from the notebook's folder), and
   every image has alt text.
@@ -170,6 +172,26 @@ def test_every_link_and_image_of_a_notebook_resolves(notebook):
     if images_without_alt_text(text):
         problems.append(f"{images_without_alt_text(text)} image(s) without alt text: write what the figure shows")
     assert not problems, f"{notebook.relative_to(ROOT)}:\n" + "\n".join(problems)
+
+
+OBJECTIVES = "**By the end of this lesson you can:**"
+TAKEAWAYS = "## Takeaways"
+_BULLET = re.compile(r"^- \S", re.MULTILINE)
+
+
+@pytest.mark.parametrize("lesson", sorted((ROOT / "lessons").glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_lesson_opens_with_objectives_and_ends_with_takeaways(lesson):
+    cells = nbformat.read(lesson, as_version=4).cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), (
+        f"{lesson.name}: the first cell should be the title and introduction")
+    objectives, last = cells[1], cells[-1]
+    assert objectives.cell_type == "markdown" and objectives.source.startswith(OBJECTIVES), (
+        f"{lesson.name}: the cell after the introduction should start with {OBJECTIVES!r}")
+    assert 3 <= len(_BULLET.findall(objectives.source)) <= 5, (
+        f"{lesson.name}: 3 to 5 objectives, each a concrete thing the learner can then do")
+    assert last.cell_type == "markdown" and last.source.startswith(TAKEAWAYS), (
+        f"{lesson.name}: the last cell should be {TAKEAWAYS!r}")
+    assert 3 <= len(_BULLET.findall(last.source)) <= 6, f"{lesson.name}: 3 to 6 takeaways"
 
 
 def test_the_tour_links_every_lesson_and_lab_in_the_readme_order():
