@@ -74,7 +74,6 @@ def _arrow(ax, start, end, color=INK, lw=1.6, style="-|>", **kw):
 
 def draw_lora_layer(path: Path) -> None:
     """The LoRA layer as a picture: ``h = W x + (α/r) · B A x``."""
-    plt.rcParams["font.family"] = FONT
     fig, ax = plt.subplots(figsize=(9.6, 4.6))
     ax.set_xlim(0, 12)
     ax.set_ylim(-0.55, 5.9)
@@ -219,7 +218,6 @@ def draw_ties(path: Path, steps: TiesSteps | None = None) -> None:
     """Three task matrices -> trim -> elect sign -> disjoint mean, with the numbers in the cells."""
     s = ties_steps() if steps is None else steps
     n = s.tasks.shape[0]
-    plt.rcParams["font.family"] = FONT
     fig = plt.figure(figsize=(13.0, 7.4))
     grid = fig.add_gridspec(n, 4, wspace=0.32, hspace=0.42, left=0.015, right=0.985, top=0.84, bottom=0.09)
     keep = int(DENSITY * s.tasks[0].numel())
@@ -278,9 +276,10 @@ def draw_all(out: Path = FIGURES) -> list[Path]:
     """Draw every figure into ``out``; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in FIGURE_FILES.items():
-        draw(out / name)
-        paths.append(out / name)
+    with plt.rc_context({"font.family": FONT}):  # the caller's matplotlib settings stay as they were
+        for name, draw in FIGURE_FILES.items():
+            draw(out / name)
+            paths.append(out / name)
     return paths
 
 
