@@ -35,13 +35,14 @@ QWEN2_ENV  := env -u LORACORE_BASE_MODEL -u HF_HUB_CACHE HF_HOME=$(STANDIN_HF) L
 PARALLEL   ?= -n 2 --dist loadfile
 PYTEST     := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider $(PARALLEL)
 
-.PHONY: help venv lab lab-cmd test unit notebooks standin labs clean-nb check-nb execute bench clean
+.PHONY: help venv lab lab-cmd test unit notebooks standin labs figures clean-nb check-nb execute bench clean
 
 help:
 	@echo "make lab        set up .venv if needed and open the course in JupyterLab"
 	@echo "make test       set up .venv if needed, run unit tests and every notebook under nbval"
 	@echo "make unit       unit tests only           make notebooks   notebooks only (both model paths)"
 	@echo "make labs       regenerate labs/ from solutions/"
+	@echo "make figures    redraw docs/figures/ (the lessons' schematics) with tools/figures.py"
 	@echo "make clean-nb   normalise every notebook  make execute NB=path   run one in full mode"
 	@echo "make bench      run benchmarks/ and rewrite benchmarks/RESULTS.md"
 
@@ -85,6 +86,9 @@ standin: venv
 
 labs: venv
 	$(PY) tools/nb.py make-labs
+
+figures: venv
+	$(PY) tools/figures.py
 
 clean-nb: venv
 	$(PY) tools/nb.py clean
