@@ -68,9 +68,10 @@ lab-cmd:
 	@echo '$(LAB_CMD)'
 
 # Every notebook twice: on the offline SmolLM2 path (with the unit tests), then on the qwen2-0.5b
-# path; a notebook that works only on one model fails here.
+# path; a notebook that works only on one model fails here. The notebooks come first: they are the
+# longest files, and a worker that starts a long one last keeps the other waiting at the end.
 test: venv standin
-	$(TEST_ENV) $(PYTEST) $(NBVAL) tests $(NB_DIRS)
+	$(TEST_ENV) $(PYTEST) $(NBVAL) $(NB_DIRS) tests
 	$(QWEN2_ENV) $(PYTEST) $(NBVAL) $(NB_DIRS)
 
 unit: venv
