@@ -54,3 +54,25 @@ __version__ = "0.1.0"
 from loracore import _quiet
 
 _quiet.install()
+
+
+def hint(lab: str, exercise: str, n: int | None = None) -> None:
+    """Print the next hint for one of a lab's exercises: ``loracore.hint("lab02", "training_step")``.
+
+    The same hints, and the same count, as ``loracore.checks.labNN.hint(exercise)``; ``n`` shows
+    hint ``n`` again. See :class:`loracore.selfcheck.Hints`.
+    """
+    import importlib
+    import re
+
+    m = re.fullmatch(r"(?:lab)?0*(\d{1,2})(?:_\w*)?", str(lab).strip().lower())
+    if not m:
+        raise ValueError(f"loracore.hint: {lab!r} is not a lab; give it as \"lab02\" or 2")
+    name = f"loracore.checks.lab{int(m.group(1)):02d}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise ValueError(f"loracore.hint: there is no lab {int(m.group(1)):02d} with hints") from None
+    module.hint(exercise, n)

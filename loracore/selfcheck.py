@@ -18,6 +18,11 @@ Each lab's check function carries its exercise's points with :func:`exercise`
 (``@exercise(points=2)``), next to the check itself. When ``$LORACORE_VERDICTS`` names a
 file (``loracore grade`` sets it), every call of such a check appends its verdict there as
 one JSON line, so the grader reads what the check decided rather than whether a cell raised.
+
+Hints come on demand, not in the exercise: each lab's check module holds a :class:`Hints`
+(``hint = Hints("lab04", {"trim": ("a nudge", ..., "nearly the code")})``), and a learner who
+is stuck types ``checks.hint("trim")`` in a new cell; each call shows the next hint. A hint
+prints and nothing else: it records no verdict.
 """
 
 from __future__ import annotations
@@ -109,6 +114,55 @@ def call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             f"{getattr(fn, '__name__', 'this function')} is not written yet: "
             f"replace the `raise NotImplementedError` in its cell with your code. ({exc})"
         ) from None
+
+
+# --------------------------------------------------------------------------- hints on demand
+
+
+class Hints:
+    """A lab's hints, exercise by exercise, from a nudge (first) to nearly the code (last).
+
+    ``hints("trim")`` prints the next hint for ``trim`` (then stays at the last);
+    ``hints("trim", 2)`` prints hint 2 again. The count lives in this object, so it starts
+    again with a fresh kernel. Nothing is recorded for grading.
+
+    >>> hint = Hints("lab99", {"area": ("Which formula?", "pi times r squared.")})
+    >>> hint("area")
+    Hint 1 of 2 for area: Which formula?
+    (Run the same line again for the next hint.)
+    """
+
+    def __init__(self, lab: str, hints: dict[str, tuple[str, ...]]) -> None:
+        for name, steps in hints.items():
+            if not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+                raise ValueError(f"{lab}: the hints for {name!r} must be non-empty strings")
+        self.lab = lab
+        self.hints = {name: tuple(steps) for name, steps in hints.items()}
+        self._shown: dict[str, int] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The exercises that have hints, in the lab's order."""
+        return list(self.hints)
+
+    def __call__(self, name: str, n: int | None = None) -> None:
+        """Print hint ``n`` (from 1) for exercise ``name``, or the next one when ``n`` is None."""
+        if name not in self.hints:
+            raise ValueError(f"{self.lab} has no exercise {name!r}; its hints are for: "
+                             f"{', '.join(self.names)}")
+        steps = self.hints[name]
+        if n is None:
+            n = min(self._shown.get(name, 0) + 1, len(steps))
+        if not 1 <= n <= len(steps):
+            raise ValueError(f"{self.lab}: {name} has hints 1 to {len(steps)}, not {n}")
+        self._shown[name] = max(self._shown.get(name, 0), n)
+        print(f"Hint {n} of {len(steps)} for {name}: {steps[n - 1]}")
+        print("(Run the same line again for the next hint.)" if n < len(steps) else
+              "(That was the last hint: it is nearly the code. Write it in your own words.)")
+
+    def reset(self) -> None:
+        """Start every exercise's hints from the first again."""
+        self._shown.clear()
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loracore.surgery import inject, trainable_parameters
-from loracore.selfcheck import Check, ExerciseFailed, call_learner, exercise, report
+from loracore.selfcheck import Check, ExerciseFailed, Hints, call_learner, exercise, report
 
 
 def _inputs(seed: int = 0, d_in: int = 12, d_out: int = 10, r: int = 3):
@@ -212,4 +212,59 @@ def check_loss_fell(losses: list[float], model: nn.Module, base_weights: dict[st
 
 
 __all__ = ["check_lora_forward", "check_lora_layer", "check_merge", "check_inject", "check_loss_fell",
-           "ExerciseFailed"]
+           "ExerciseFailed", "hint"]
+
+
+#: Hints on demand (``checks.hint("merge")`` in the lab): a nudge first, nearly the code last.
+hint = Hints("lab01", {
+    "lora_forward": (
+        "Two parts added together: what the frozen layer computes (x W^T + b), and the adapter's "
+        "path, multiplied by scaling.",
+        "The adapter path goes through the narrow side: x @ A.T is (..., r), and multiplying that by "
+        "B.T brings it to (..., out). Only that path is scaled.",
+        "return x @ W.T + b + scaling * ((x @ A.T) @ B.T)",
+    ),
+    "LoRALayer": (
+        "__init__ only stores things: the base layer, two nn.Parameter factors and a number. "
+        "forward reuses the formula of exercise 1, with the base layer doing the x W^T + b part.",
+        "Freeze with self.base.requires_grad_(False). Make lora_A with torch.empty(r, base.in_features) "
+        "and fill it with nn.init.kaiming_uniform_(..., a=math.sqrt(5)); make lora_B with torch.zeros. "
+        "Pass device=base.weight.device to both.",
+        "self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device)), then "
+        "the Kaiming init on it; self.lora_B likewise with torch.zeros(base.out_features, r, ...); "
+        "self.scaling = lora_alpha / r. forward: self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T",
+    ),
+    "merge": (
+        "Look at self.merged first: if it is already True, stop with an error. Otherwise change the "
+        "weight, then remember that you did.",
+        "The update has the weight's shape: self.lora_B @ self.lora_A is (out, in). Add it, times "
+        "self.scaling, to self.base.weight in place (+=), which torch.no_grad() allows.",
+        "if self.merged: raise RuntimeError(...); then self.base.weight += self.scaling * self.lora_B @ "
+        "self.lora_A; then self.merged = True",
+    ),
+    "unmerge": (
+        "The mirror image of merge, but only when there is something to take out.",
+        "Subtract exactly what merge added, in place, and only inside `if self.merged:`.",
+        "if self.merged: self.base.weight -= self.scaling * self.lora_B @ self.lora_A, then "
+        "self.merged = False",
+    ),
+    "inject_lora": (
+        "Two loops: one over model.parameters() to freeze, one over model.named_modules() to find "
+        "the layers to wrap. Take list(model.named_modules()) first: you change the model while looping.",
+        "A name like 'model.layers.0.self_attn.q_proj' splits with name.rpartition('.') into the "
+        "parent's name and 'q_proj'; model.get_submodule(parent_name) is the parent, and "
+        "setattr(parent, child_name, new_layer) swaps the child.",
+        "for name, module in list(model.named_modules()): if isinstance(module, nn.Linear) and "
+        "name.split('.')[-1] in target_names: parent_name, _, child = name.rpartition('.'); "
+        "setattr(model.get_submodule(parent_name), child, MergeableLoRALayer(module, r, lora_alpha)). "
+        "Freeze first, return model last.",
+    ),
+    "train_step": (
+        "Four things happen in one step: compute the loss, compute the gradients, update the "
+        "weights, forget the gradients. Then hand back a number.",
+        "model(**batch, labels=labels) returns an output whose .loss is a 0-dimensional tensor. "
+        "The tensor has .backward(); the optimizer has .step() and .zero_grad().",
+        "loss = model(**batch, labels=labels).loss; loss.backward(); optimizer.step(); "
+        "optimizer.zero_grad(); return loss.item()",
+    ),
+})

@@ -15,7 +15,7 @@ from loracore.data import IGNORE_INDEX, collate
 from loracore.evaluate import answers_match, generate_answers
 from loracore.surgery import inject
 from loracore.models import load_base_model
-from loracore.selfcheck import Check, call_learner, exercise, report
+from loracore.selfcheck import Check, Hints, call_learner, exercise, report
 from loracore.train import causal_lm_loss
 
 
@@ -146,3 +146,41 @@ def check_evaluate_loop(evaluate_loop: Callable[..., list[dict[str, Any]]]) -> N
                         hint="question = messages[-2]['content'] (the user's turn before the answer)."),
         ]
     report("evaluate_loop", checks)
+
+
+#: Hints on demand (``loracore.hint("lab02", "training_step")`` in the lab): a nudge first,
+#: nearly the code last.
+hint = Hints("lab02", {
+    "mask_and_pad": (
+        "First find the longest prompt + answer; then make three (batch, longest) tensors already "
+        "filled with what padding needs (pad_id, -100, 0), and fill in each example's row.",
+        "torch.full((batch, longest), value, dtype=torch.long) makes a filled tensor. For row i with "
+        "n = len(prompt) + len(answer): input_ids gets prompt + answer in its first n places, the mask "
+        "gets 1 there, and labels get the answer only, after the prompt's place.",
+        "for i, (prompt, answer) in enumerate(examples): n = len(prompt) + len(answer); "
+        "input_ids[i, :n] = torch.tensor(prompt + answer); labels[i, len(prompt):n] = "
+        "torch.tensor(answer); attention_mask[i, :n] = 1",
+    ),
+    "training_step": (
+        "Forward, loss, backward, clip, step, clear: the loss is the only part that needs thought. "
+        "The last position's logits and the first position's label have no partner.",
+        "Drop the last position of the logits and the first of the labels so that they line up, "
+        "flatten both to (batch * (seq - 1), ...) and give them to F.cross_entropy with "
+        "ignore_index=IGNORE_INDEX. Clip [p for p in model.parameters() if p.requires_grad].",
+        "logits = model(input_ids=..., attention_mask=...).logits; loss = F.cross_entropy("
+        "logits[:, :-1].reshape(-1, vocab), batch['labels'][:, 1:].reshape(-1), "
+        "ignore_index=IGNORE_INDEX); loss.backward(); clip_grad_norm_(trainable, 1.0); "
+        "optimizer.step(); optimizer.zero_grad(); return loss.item()",
+    ),
+    "evaluate_loop": (
+        "One conversation at a time: build the prompt text, turn it into ids on the model's device, "
+        "generate, cut off the prompt, decode, compare.",
+        "tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) "
+        "gives the prompt text; tokenizer(text, add_special_tokens=False)['input_ids'] its ids. "
+        "model.generate returns the prompt followed by the reply: keep out[0, len(prompt_ids):].",
+        "with torch.no_grad(): out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), "
+        "max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id); "
+        "prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(); "
+        "correct = normalize_answer(prediction) == normalize_answer(expected)",
+    ),
+})

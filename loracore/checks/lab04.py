@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from loracore import merge as M
-from loracore.selfcheck import Check, ExerciseFailed, call_learner, exercise, report
+from loracore.selfcheck import Check, ExerciseFailed, Hints, call_learner, exercise, report
 
 
 def _tasks(seed: int = 0, n: int = 3, shape: tuple[int, ...] = (6, 9)) -> list[torch.Tensor]:
@@ -142,3 +142,42 @@ def check_ties(my_ties: Callable[..., torch.Tensor]) -> None:
                                   hint="Trim each task, stack, elect on the UNWEIGHTED trimmed stack, "
                                        "then apply the weights and take the disjoint mean."))
     report("my_ties", checks)
+
+
+#: Hints on demand (``checks.hint("trim")`` in the lab): a nudge first, nearly the code last.
+hint = Hints("lab04", {
+    "trim": (
+        "Rank the magnitudes over the whole tensor, flattened; the k largest keep their value.",
+        "t.abs().flatten().topk(k).indices are the positions to keep, with k = int(density * t.numel()). "
+        "Build a flat 0/1 mask from them and give it t's shape.",
+        "keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device); "
+        "keep[t.abs().flatten().topk(k).indices] = 1; return t * keep.reshape(t.shape)",
+    ),
+    "elect": (
+        "The elected sign is one per entry, from the sum over the task axis; then each task either "
+        "has that sign or not.",
+        "torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0) is the elected sign; stacked.sign() is 0 "
+        "for a 0, so comparing it with ±1 gives False there.",
+        "elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0); return stacked.sign() == elected",
+    ),
+    "disjoint_mean": (
+        "A mean is a sum divided by a count: here both only over the agreeing tasks.",
+        "Multiplying by the mask zeroes the disagreeing entries; mask.sum(dim=0) counts the agreeing "
+        "tasks; .clamp(min=1) keeps a count of 0 from dividing.",
+        "return (stacked * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)",
+    ),
+    "drop_and_rescale": (
+        "Two steps: a random 0/1 mask the shape of t, then multiply by it and divide by density.",
+        "torch.full_like(t, density) is the keep probability of every entry; torch.bernoulli draws "
+        "one 0 or 1 from each, with generator=generator.",
+        "mask = torch.bernoulli(torch.full_like(t, density), generator=generator); "
+        "return t * mask / density",
+    ),
+    "my_ties": (
+        "Your three functions, in order, with the weights applied between elect and disjoint_mean.",
+        "torch.stack the trimmed tasks (skip trim when density >= 1); elect on that stack; reshape "
+        "weights to (n_tasks, 1, 1, ...) so it multiplies each task.",
+        "stacked = torch.stack([trim(t, density) for t in task_tensors]); mask = elect(stacked); "
+        "w = weights.reshape(-1, *[1] * (stacked.dim() - 1)); return disjoint_mean(stacked * w, mask)",
+    ),
+})

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from loracore.layer import lora_update
-from loracore.selfcheck import Check, call_learner, exercise, report
+from loracore.selfcheck import Check, Hints, call_learner, exercise, report
 
 
 def _stacks(seed: int = 0, d_in: int = 12, d_out: int = 10, max_rank: int = 4):
@@ -90,3 +90,32 @@ def check_mixed_lora(mixed_lora: Callable) -> None:
         checks.append(Check.close("output shape", got, before,
                                   hint="Return a tensor shaped like base_out: (rows, seq, out)."))
     report("mixed_lora", checks)
+
+
+#: Hints on demand (``loracore.hint("lab05", "mixed_lora")`` in the lab): a nudge first,
+#: nearly the code last.
+hint = Hints("lab05", {
+    "gather_rows": (
+        "No loop needed: indexing a tensor's first dimension with a tensor of indices picks one "
+        "entry per index.",
+        "A_stack[slots] has shape (rows, R, in): row i is A_stack[slots[i]]. The same works for "
+        "B_stack and scales.",
+        "return A_stack[slots], B_stack[slots], scales[slots]",
+    ),
+    "batched_lora": (
+        "The single-adapter formula, scale * (x @ A.T) @ B.T, with every matrix product done per row "
+        "by torch.bmm.",
+        "A_rows.transpose(1, 2) is (rows, in, R), so torch.bmm(x, it) is (rows, seq, R); then the "
+        "same with B_rows.transpose(1, 2). scale_rows.view(-1, 1, 1) scales each row.",
+        "h = torch.bmm(x, A_rows.transpose(1, 2)); "
+        "return torch.bmm(h, B_rows.transpose(1, 2)) * scale_rows.view(-1, 1, 1)",
+    ),
+    "mixed_lora": (
+        "Start from a copy of base_out, and change only the rows that have an adapter.",
+        "(slots >= 0).nonzero().flatten() are those rows; gather_rows with slots[rows], then "
+        "batched_lora on x[rows]. Skip the work when there are none.",
+        "rows = (slots >= 0).nonzero().flatten(); out = base_out.clone(); if rows.numel(): "
+        "out[rows] = base_out[rows] + batched_lora(x[rows], *gather_rows(A_stack, B_stack, scales, "
+        "slots[rows])); return out",
+    ),
+})
