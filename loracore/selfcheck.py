@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, TypeVar
 
@@ -122,13 +123,17 @@ def call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 class Hints:
     """A lab's hints, exercise by exercise, from a nudge (first) to nearly the code (last).
 
+    A hint is prose (wrapped to the notebook's width) or, when it holds line breaks, code
+    (printed line by line as written).
+
     ``hints("trim")`` prints the next hint for ``trim`` (then stays at the last);
     ``hints("trim", 2)`` prints hint 2 again. The count lives in this object, so it starts
     again with a fresh kernel. Nothing is recorded for grading.
 
     >>> hint = Hints("lab99", {"area": ("Which formula?", "pi times r squared.")})
     >>> hint("area")
-    Hint 1 of 2 for area: Which formula?
+    Hint 1 of 2 for area:
+      Which formula?
     (Run the same line again for the next hint.)
     """
 
@@ -156,7 +161,13 @@ class Hints:
         if not 1 <= n <= len(steps):
             raise ValueError(f"{self.lab}: {name} has hints 1 to {len(steps)}, not {n}")
         self._shown[name] = max(self._shown.get(name, 0), n)
-        print(f"Hint {n} of {len(steps)} for {name}: {steps[n - 1]}")
+        print(f"Hint {n} of {len(steps)} for {name}:")
+        text = steps[n - 1]
+        if "\n" in text:  # code, line by line as written
+            print(textwrap.indent(text, "  "))
+        else:
+            print(textwrap.fill(text, width=96, initial_indent="  ", subsequent_indent="  ",
+                                break_long_words=False, break_on_hyphens=False))
         print("(Run the same line again for the next hint.)" if n < len(steps) else
               "(That was the last hint: it is nearly the code. Write it in your own words.)")
 

@@ -100,7 +100,8 @@ def exercises(solution: Path, lab: Path) -> list[tuple[str, list[str], str, str]
 
 
 def test_the_comparison_can_fail():
-    assert answer_lines("    ### BEGIN SOLUTION x\n    y = a @ b  # why\n    return y, z\n    ### END SOLUTION") == ["y = a @ b"]
+    cell = "    ### BEGIN SOLUTION x\n    y = a @ b  # why\n    return y, z\n    ### END SOLUTION"
+    assert answer_lines(cell) == ["y = a @ b"]
     assert answer_lines("flag = 0\n### BEGIN SOLUTION\nflag = 0\nflag = 1\n### END SOLUTION") == ["flag = 1"]
     assert leaked("y = a @ b", "compute `a@b`") and leaked("return loss.item()", "return `loss.item()`")
     assert leaked("self.w += s * B @ A", "# YOUR CODE HERE: self.w  +=  s * B @ A")

@@ -222,7 +222,7 @@ hint = Hints("lab01", {
         "path, multiplied by scaling.",
         "The adapter path goes through the narrow side: x @ A.T is (..., r), and multiplying that by "
         "B.T brings it to (..., out). Only that path is scaled.",
-        "return x @ W.T + b + scaling * ((x @ A.T) @ B.T)",
+        "return x @ W.T + b + scaling * (x @ A.T) @ B.T",
     ),
     "LoRALayer": (
         "__init__ only stores things: the base layer, two nn.Parameter factors and a number. "
@@ -230,23 +230,29 @@ hint = Hints("lab01", {
         "Freeze with self.base.requires_grad_(False). Make lora_A with torch.empty(r, base.in_features) "
         "and fill it with nn.init.kaiming_uniform_(..., a=math.sqrt(5)); make lora_B with torch.zeros. "
         "Pass device=base.weight.device to both.",
-        "self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device)), then "
-        "the Kaiming init on it; self.lora_B likewise with torch.zeros(base.out_features, r, ...); "
-        "self.scaling = lora_alpha / r. forward: self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T",
+        "self.base = base, then freeze it with requires_grad_(False)\n"
+        "self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))\n"
+        "nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))\n"
+        "self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))\n"
+        "self.scaling = lora_alpha / r\n"
+        "forward: return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T",
     ),
     "merge": (
         "Look at self.merged first: if it is already True, stop with an error. Otherwise change the "
         "weight, then remember that you did.",
         "The update has the weight's shape: self.lora_B @ self.lora_A is (out, in). Add it, times "
         "self.scaling, to self.base.weight in place (+=), which torch.no_grad() allows.",
-        "if self.merged: raise RuntimeError(...); then self.base.weight += self.scaling * self.lora_B @ "
-        "self.lora_A; then self.merged = True",
+        "if self.merged:\n"
+        '    raise RuntimeError("already merged")\n'
+        "self.base.weight += self.scaling * self.lora_B @ self.lora_A\n"
+        "self.merged = True",
     ),
     "unmerge": (
         "The mirror image of merge, but only when there is something to take out.",
         "Subtract exactly what merge added, in place, and only inside `if self.merged:`.",
-        "if self.merged: self.base.weight -= self.scaling * self.lora_B @ self.lora_A, then "
-        "self.merged = False",
+        "if self.merged:\n"
+        "    self.base.weight -= self.scaling * self.lora_B @ self.lora_A\n"
+        "    self.merged = False",
     ),
     "inject_lora": (
         "Two loops: one over model.parameters() to freeze, one over model.named_modules() to find "
@@ -254,17 +260,21 @@ hint = Hints("lab01", {
         "A name like 'model.layers.0.self_attn.q_proj' splits with name.rpartition('.') into the "
         "parent's name and 'q_proj'; model.get_submodule(parent_name) is the parent, and "
         "setattr(parent, child_name, new_layer) swaps the child.",
-        "for name, module in list(model.named_modules()): if isinstance(module, nn.Linear) and "
-        "name.split('.')[-1] in target_names: parent_name, _, child = name.rpartition('.'); "
-        "setattr(model.get_submodule(parent_name), child, MergeableLoRALayer(module, r, lora_alpha)). "
-        "Freeze first, return model last.",
+        "(first freeze every parameter, then:)\n"
+        "for name, module in list(model.named_modules()):\n"
+        '    if isinstance(module, nn.Linear) and name.split(".")[-1] in target_names:\n'
+        '        parent_name, _, child_name = name.rpartition(".")\n'
+        "        parent = model.get_submodule(parent_name) if parent_name else model\n"
+        "        setattr(parent, child_name, MergeableLoRALayer(module, r, lora_alpha))\n"
+        "return model",
     ),
     "train_step": (
         "Four things happen in one step: compute the loss, compute the gradients, update the "
         "weights, forget the gradients. Then hand back a number.",
         "model(**batch, labels=labels) returns an output whose .loss is a 0-dimensional tensor. "
         "The tensor has .backward(); the optimizer has .step() and .zero_grad().",
-        "loss = model(**batch, labels=labels).loss; loss.backward(); optimizer.step(); "
-        "optimizer.zero_grad(); return loss.item()",
+        "loss = model(**batch, labels=labels).loss\n"
+        "loss.backward(), then optimizer.step(), then optimizer.zero_grad()\n"
+        "return loss.item()",
     ),
 })

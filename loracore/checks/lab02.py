@@ -157,9 +157,14 @@ hint = Hints("lab02", {
         "torch.full((batch, longest), value, dtype=torch.long) makes a filled tensor. For row i with "
         "n = len(prompt) + len(answer): input_ids gets prompt + answer in its first n places, the mask "
         "gets 1 there, and labels get the answer only, after the prompt's place.",
-        "for i, (prompt, answer) in enumerate(examples): n = len(prompt) + len(answer); "
-        "input_ids[i, :n] = torch.tensor(prompt + answer); labels[i, len(prompt):n] = "
-        "torch.tensor(answer); attention_mask[i, :n] = 1",
+        "longest = max(len(p) + len(a) for p, a in examples)\n"
+        "input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)\n"
+        "labels and attention_mask the same way, filled with IGNORE_INDEX and 0\n"
+        "for i, (prompt, answer) in enumerate(examples):\n"
+        "    n = len(prompt) + len(answer)\n"
+        "    input_ids[i, :n] = torch.tensor(prompt + answer)\n"
+        "    labels[i, len(prompt):n] = torch.tensor(answer)\n"
+        "    attention_mask[i, :n] = 1",
     ),
     "training_step": (
         "Forward, loss, backward, clip, step, clear: the loss is the only part that needs thought. "
@@ -167,10 +172,12 @@ hint = Hints("lab02", {
         "Drop the last position of the logits and the first of the labels so that they line up, "
         "flatten both to (batch * (seq - 1), ...) and give them to F.cross_entropy with "
         "ignore_index=IGNORE_INDEX. Clip [p for p in model.parameters() if p.requires_grad].",
-        "logits = model(input_ids=..., attention_mask=...).logits; loss = F.cross_entropy("
-        "logits[:, :-1].reshape(-1, vocab), batch['labels'][:, 1:].reshape(-1), "
-        "ignore_index=IGNORE_INDEX); loss.backward(); clip_grad_norm_(trainable, 1.0); "
-        "optimizer.step(); optimizer.zero_grad(); return loss.item()",
+        'logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits\n'
+        'loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), batch["labels"][:, 1:].reshape(-1),\n'
+        "                       ignore_index=IGNORE_INDEX)\n"
+        "loss.backward()\n"
+        "torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)\n"
+        "optimizer.step(), optimizer.zero_grad(), return loss.item()",
     ),
     "evaluate_loop": (
         "One conversation at a time: build the prompt text, turn it into ids on the model's device, "
@@ -178,9 +185,12 @@ hint = Hints("lab02", {
         "tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) "
         "gives the prompt text; tokenizer(text, add_special_tokens=False)['input_ids'] its ids. "
         "model.generate returns the prompt followed by the reply: keep out[0, len(prompt_ids):].",
-        "with torch.no_grad(): out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), "
-        "max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id); "
-        "prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(); "
+        "prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)\n"
+        'ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)\n'
+        "with torch.no_grad():\n"
+        "    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,\n"
+        "                         do_sample=False, pad_token_id=tokenizer.pad_token_id)\n"
+        "prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()\n"
         "correct = normalize_answer(prediction) == normalize_answer(expected)",
     ),
 })

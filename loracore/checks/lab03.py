@@ -234,30 +234,35 @@ def check_full_pipeline(packed: torch.Tensor, q8: torch.Tensor, weight: torch.Te
     ])
 
 
-
 #: Hints on demand (``lab03.hint("pack_nibbles")`` in the lab): a nudge first, nearly the code last.
 hint = Hints("lab03", {
     "nf4_code_book": (
         "Three pieces, then one sort and one division: 8 positive quantiles, 7 negative ones, one zero.",
-        "normal = torch.distributions.Normal(0.0, 1.0) in float64; its .icdf(p) is the quantile. "
-        "The probabilities are torch.linspace(offset, 0.5, 9) and (offset, 0.5, 8), each without its "
-        "last entry (the median), converted with .double() before icdf.",
-        "positive = icdf(linspace(offset, 0.5, 9)[:-1]); negative = -icdf(linspace(offset, 0.5, 8)[:-1]); "
-        "values = torch.cat([negative, zero, positive]).float().sort().values; return values / values.max()",
+        "A float64 torch.distributions.Normal(0, 1) has .icdf(p), the quantile. The probabilities are "
+        "torch.linspace(offset, 0.5, 9) and (offset, 0.5, 8) without their last entry (the median).",
+        "normal = torch.distributions.Normal(0.0, 1.0), on float64 tensors\n"
+        "positive = normal.icdf(torch.linspace(offset, 0.5, 9)[:-1].double())\n"
+        "negative = -normal.icdf(torch.linspace(offset, 0.5, 8)[:-1].double())\n"
+        "values = torch.cat([negative, one float64 zero, positive]).float().sort().values\n"
+        "return values / values.max()",
     ),
     "quantize_blocks": (
         "Work on a (n / blocksize, blocksize) view of w: one row per block, so every per-block "
         "number is a reduction over dim 1.",
         "absmax = blocks.abs().amax(dim=1); multiply each row by 1 / absmax.clamp(min=1e-38) (use "
         "[:, None] to line it up with the rows); the midpoints are (code[:-1] + code[1:]) / 2.",
-        "scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]; indices = "
-        "torch.bucketize(scaled.view(-1), midpoints); return indices, absmax",
+        "blocks = w.float().view(-1, blocksize)\n"
+        "absmax = blocks.abs().amax(dim=1)\n"
+        "scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]\n"
+        "indices = torch.bucketize(scaled.view(-1), (code[:-1] + code[1:]) / 2)\n"
+        "return indices, absmax",
     ),
     "pack_nibbles": (
         "Split the indices into the even positions and the odd positions: every byte takes one of each.",
         "q[0::2] are the even positions, q[1::2] the odd ones. Convert to torch.uint8 first, so the "
         "shift stays in one byte; << 4 moves a value to the high nibble, | combines.",
-        "q = indices.to(torch.uint8); return (q[0::2] << 4) | q[1::2]",
+        "q = indices.to(torch.uint8)\n"
+        "return (q[0::2] << 4) | q[1::2]",
     ),
     "unpack_nibbles": (
         "Each byte gives two indices: the high nibble first, then the low one.",
@@ -269,24 +274,27 @@ hint = Hints("lab03", {
         "Reverse the steps of quantize_blocks: indices, then code values, then each block times its absmax.",
         "n = absmax.numel() * blocksize indices come from unpack_nibbles(packed, n); code[indices] "
         "looks the values up; view them as (n / blocksize, blocksize) to multiply by absmax[:, None].",
-        "values = code[unpack_nibbles(packed, n)].view(-1, blocksize); "
+        "n = absmax.numel() * blocksize\n"
+        "values = code[unpack_nibbles(packed, n)].view(-1, blocksize)\n"
         "return (values * absmax[:, None]).view(shape)",
     ),
     "double_quantize": (
         "It is quantize_blocks again, on the centred absmax values, with the 256-entry dynamic code "
         "and blocks of 256, plus padding for a short last block.",
-        "offset is the mean of absmax; torch.nn.functional.pad(centred, (0, pad)) with "
-        "pad = -m % blocksize fills the last block; the nearest code entry comes from torch.bucketize "
-        "on the midpoints of dynamic_code(). Drop the padding before bucketizing.",
-        "centred = absmax - offset; blocks = F.pad(centred, (0, pad)).view(-1, blocksize); "
-        "absmax2 = blocks.abs().amax(dim=1); scaled = (blocks * (1 / absmax2.clamp(min=1e-38))[:, None])"
-        ".view(-1)[:m]; q8 = torch.bucketize(scaled, midpoints).to(torch.uint8)",
+        "offset is the mean of absmax; torch.nn.functional.pad(centred, (0, -m % blocksize)) fills the "
+        "last block; bucketize on the midpoints of dynamic_code(), after dropping the padding.",
+        "offset = absmax.mean(); centred = absmax - offset\n"
+        "blocks = torch.nn.functional.pad(centred, (0, -centred.numel() % blocksize)).view(-1, blocksize)\n"
+        "absmax2 = blocks.abs().amax(dim=1)\n"
+        "scaled = (blocks * (1.0 / absmax2.clamp(min=1e-38))[:, None]).view(-1)[:centred.numel()]\n"
+        "q8 = torch.bucketize(scaled, (code8[:-1] + code8[1:]) / 2), with code8 = dynamic_code()\n"
+        "return q8.to(torch.uint8), absmax2, offset",
     ),
     "double_dequantize": (
         "Look each q8 up in dynamic_code(), scale it by its block's absmax2, add the offset back.",
         "Every q8 needs its block's absmax2: absmax2.repeat_interleave(blocksize) gives one per "
         "position; keep the first q8.numel(). Index the code with q8.long().",
-        "scale = absmax2.repeat_interleave(blocksize)[: q8.numel()]; "
+        "scale = absmax2.repeat_interleave(blocksize)[:q8.numel()]\n"
         "return dynamic_code()[q8.long()] * scale + offset",
     ),
 })

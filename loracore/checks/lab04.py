@@ -150,15 +150,18 @@ hint = Hints("lab04", {
         "Rank the magnitudes over the whole tensor, flattened; the k largest keep their value.",
         "t.abs().flatten().topk(k).indices are the positions to keep, with k = int(density * t.numel()). "
         "Build a flat 0/1 mask from them and give it t's shape.",
-        "keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device); "
-        "keep[t.abs().flatten().topk(k).indices] = 1; return t * keep.reshape(t.shape)",
+        "k = int(density * t.numel())\n"
+        "keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)\n"
+        "keep[t.abs().flatten().topk(k).indices] = 1\n"
+        "return t * keep.reshape(t.shape)",
     ),
     "elect": (
         "The elected sign is one per entry, from the sum over the task axis; then each task either "
         "has that sign or not.",
         "torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0) is the elected sign; stacked.sign() is 0 "
         "for a 0, so comparing it with ±1 gives False there.",
-        "elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0); return stacked.sign() == elected",
+        "elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)\n"
+        "return stacked.sign() == elected",
     ),
     "disjoint_mean": (
         "A mean is a sum divided by a count: here both only over the agreeing tasks.",
@@ -170,14 +173,16 @@ hint = Hints("lab04", {
         "Two steps: a random 0/1 mask the shape of t, then multiply by it and divide by density.",
         "torch.full_like(t, density) is the keep probability of every entry; torch.bernoulli draws "
         "one 0 or 1 from each, with generator=generator.",
-        "mask = torch.bernoulli(torch.full_like(t, density), generator=generator); "
+        "mask = torch.bernoulli(torch.full_like(t, density), generator=generator)\n"
         "return t * mask / density",
     ),
     "my_ties": (
         "Your three functions, in order, with the weights applied between elect and disjoint_mean.",
         "torch.stack the trimmed tasks (skip trim when density >= 1); elect on that stack; reshape "
         "weights to (n_tasks, 1, 1, ...) so it multiplies each task.",
-        "stacked = torch.stack([trim(t, density) for t in task_tensors]); mask = elect(stacked); "
-        "w = weights.reshape(-1, *[1] * (stacked.dim() - 1)); return disjoint_mean(stacked * w, mask)",
+        "stacked = torch.stack([t if density >= 1 else trim(t, density) for t in task_tensors])\n"
+        "mask = elect(stacked)\n"
+        "w = weights.reshape(-1, *([1] * (stacked.dim() - 1)))\n"
+        "return disjoint_mean(stacked * w, mask)",
     ),
 })

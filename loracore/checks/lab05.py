@@ -107,15 +107,18 @@ hint = Hints("lab05", {
         "by torch.bmm.",
         "A_rows.transpose(1, 2) is (rows, in, R), so torch.bmm(x, it) is (rows, seq, R); then the "
         "same with B_rows.transpose(1, 2). scale_rows.view(-1, 1, 1) scales each row.",
-        "h = torch.bmm(x, A_rows.transpose(1, 2)); "
+        "h = torch.bmm(x, A_rows.transpose(1, 2))    # (rows, seq, R)\n"
         "return torch.bmm(h, B_rows.transpose(1, 2)) * scale_rows.view(-1, 1, 1)",
     ),
     "mixed_lora": (
         "Start from a copy of base_out, and change only the rows that have an adapter.",
         "(slots >= 0).nonzero().flatten() are those rows; gather_rows with slots[rows], then "
         "batched_lora on x[rows]. Skip the work when there are none.",
-        "rows = (slots >= 0).nonzero().flatten(); out = base_out.clone(); if rows.numel(): "
-        "out[rows] = base_out[rows] + batched_lora(x[rows], *gather_rows(A_stack, B_stack, scales, "
-        "slots[rows])); return out",
+        "rows = (slots >= 0).nonzero().flatten()\n"
+        "out = base_out.clone()\n"
+        "if rows.numel():\n"
+        "    A_rows, B_rows, scale_rows = gather_rows(A_stack, B_stack, scales, slots[rows])\n"
+        "    out[rows] = base_out[rows] + batched_lora(x[rows], A_rows, B_rows, scale_rows)\n"
+        "return out",
     ),
 })
