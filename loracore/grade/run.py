@@ -72,27 +72,94 @@ class Limits:
 
 
 
-def _sandbox_manager(argv: list[str]) -> type:
-    """A kernel manager class whose kernels start through :mod:`loracore.grade.sandbox`."""
+@dataclass
+class Folders:
+    """Where one submission's files live while it is graded.
+
+    ``root`` is the grader's folder for the whole batch; ``own`` (in it) holds this
+    submission's ``work`` folder (the kernel's only writable place, its current folder) and
+    its ``kernel.json`` connection file. The kernel may read ``own`` but nothing else of
+    ``root``, nor any of ``unreadable`` (the hidden checks, the submitted notebooks).
+    """
+
+    root: Path
+    own: Path
+    unreadable: tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, root: Path, unreadable: tuple[str, ...] = ()) -> Folders:
+        """A new submission's folder in ``root`` (made 0700, as ``root`` should be)."""
+        return cls(root, Path(tempfile.mkdtemp(prefix="submission-", dir=root)), unreadable)
+
+    @property
+    def work(self) -> Path:
+        return self.own / "work"
+
+    @property
+    def connection_file(self) -> Path:
+        return self.own / "kernel.json"
+
+
+def curve_supported() -> bool:
+    """Whether this jupyter_client, ipykernel and pyzmq can encrypt a kernel's sockets (CurveZMQ)."""
+    try:
+        import zmq
+        from ipykernel.kernelspec import get_kernel_dict
+        from jupyter_client.manager import KernelManager
+    except ImportError:
+        return False
+    kernel = get_kernel_dict().get("metadata", {}).get("supported_encryption", [])
+    return bool(zmq.has("curve")) and "curve" in kernel and KernelManager.class_traits().get(
+        "transport_encryption") is not None
+
+
+def _sandbox_manager(argv: list[str], connection_file: Path) -> type:
+    """A kernel manager class whose kernels start through :mod:`loracore.grade.sandbox`.
+
+    Its connection file (the kernel's ports, the key that signs every message, the keys of
+    the encryption) is ``connection_file``, in the submission's own folder: by default
+    jupyter_client writes it to the shared temporary folder, where every other kernel of the
+    batch could read it. Where :func:`curve_supported`, every socket of the kernel is
+    encrypted: a process without the connection file cannot even read what the kernel
+    publishes (the code it runs, its outputs), only send messages that it drops unsigned.
+    """
     from jupyter_client.kernelspec import KernelSpec
     from jupyter_client.manager import AsyncKernelManager
 
+    curve = curve_supported()
+
     class SandboxKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.connection_file = str(connection_file)
+            if curve:
+                self.transport_encryption = "required"
+
         @property
         def kernel_spec(self) -> KernelSpec:  # the same Python, the grader's limits
             return KernelSpec(argv=argv, display_name="loracore grade", language="python",
-                              resource_dir=str(COURSE_ROOT))
+                              resource_dir=str(COURSE_ROOT),
+                              metadata={"supported_encryption": ["curve"]} if curve else {})
 
     return SandboxKernelManager
 
 
-def _client(nb: nbformat.NotebookNode, workdir: Path, limits: Limits) -> Any:
+def kernel_argv(folders: Folders, limits: Limits) -> list[str]:
+    """The command that starts a submission's kernel in :mod:`loracore.grade.sandbox`."""
+    return [sys.executable, "-m", "loracore.grade.sandbox", "--workdir", str(folders.work),
+            "--memory-mb", str(limits.memory_mb), "--writable", str(model_cache_lock()),
+            # ipykernel may rewrite its connection file as it starts (it does with encryption keys)
+            "--writable", str(folders.connection_file), "--readable", str(folders.own), "--unlisted", str(folders.root),
+            *[arg for path in folders.unreadable for arg in ("--unreadable", path)],
+            "-f", "{connection_file}"]
+
+
+def _client(nb: nbformat.NotebookNode, folders: Folders, limits: Limits) -> Any:
     """An nbclient that caps outputs and starts the sandboxed kernel."""
     from nbclient import NotebookClient
 
-    argv = [sys.executable, "-m", "loracore.grade.sandbox", "--workdir", str(workdir),
-            "--memory-mb", str(limits.memory_mb), "--writable", str(model_cache_lock()),
-            "-f", "{connection_file}"]
+    argv = kernel_argv(folders, limits)
+    workdir = folders.work
 
     class CappedClient(NotebookClient):
         budget = limits.output_kb * 1024
@@ -107,7 +174,8 @@ def _client(nb: nbformat.NotebookNode, workdir: Path, limits: Limits) -> Any:
             return super().output(outs, msg, display_id, cell_index)
 
     return CappedClient(nb, timeout=int(limits.timeout), allow_errors=True, kernel_name="python3",
-                        kernel_manager_class=_sandbox_manager(argv), shutdown_kernel="immediate",
+                        kernel_manager_class=_sandbox_manager(argv, folders.connection_file),
+                        shutdown_kernel="immediate",
                         iopub_timeout=10, resources={"metadata": {"path": str(workdir)}})
 
 
@@ -146,14 +214,16 @@ def _reap() -> None:
             return
 
 
-def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Result) -> None:
+def _execute(nb_cells: list, lab: Lab, folders: Folders, limits: Limits, result: Result) -> None:
     """Run the restored cells in the sandboxed kernel, filling ``result`` in."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    workdir = folders.work
+    workdir.mkdir()
     verdict_file = workdir / ".verdicts.jsonl"
     env = _kernel_env(workdir, verdict_file, limits)
     nb = nbformat.v4.new_notebook(cells=[g.cell for g in nb_cells])
-    client = _client(nb, workdir, limits)
+    client = _client(nb, folders, limits)
     deadline = time.monotonic() + limits.timeout
     stopped_at: str | None = None
     cell_errors: dict[str, str] = {}
@@ -235,12 +305,21 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
     result.reason = "; ".join(filter(None, [result.reason, *notes]))
 
 
-def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None) -> Result:
+def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None, *,
+              root: Path | None = None, unreadable: tuple[str, ...] = ()) -> Result:
     """Grade the submission at ``path`` for ``lab`` (with ``hidden`` checks: ``hidden.extend(lab)``
-    and its cell last); the file itself is only read."""
+    and its cell last); the file itself is only read.
+
+    Its files go in a new folder inside ``root`` (the batch's folder, which its kernel may not
+    read; without it, a new one of its own); ``unreadable`` adds paths its kernel may not read
+    (the hidden checks' file and the submissions are added here).
+    """
     start = time.monotonic()
     result = Result(path, "ok", points={e.name: 0.0 for e in lab.exercises})
-    workdir = Path(tempfile.mkdtemp(prefix="loracore-grade-"))
+    own_root = root is None
+    root = Path(tempfile.mkdtemp(prefix="loracore-grade-")) if root is None else Path(root)
+    hidden_file = (hidden.path,) if hidden is not None and hidden.path else ()
+    folders = Folders.make(root, tuple(dict.fromkeys([*unreadable, *hidden_file, os.path.abspath(path)])))
     try:
         data = Path(path).read_bytes()
         learner = read_submission(data, lab)
@@ -249,13 +328,13 @@ def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None)
         if restored.restored:
             notes.append(f"{restored.restored} lab cell(s) changed or deleted by the learner, restored")
         result.reason = "; ".join(notes)
-        _execute(restored.cells + ([hidden_cell(hidden)] if hidden else []), lab, workdir, limits, result)
+        _execute(restored.cells + ([hidden_cell(hidden)] if hidden else []), lab, folders, limits, result)
     except NotGradable as exc:
         result.status, result.reason = exc.status, exc.reason
     except OSError as exc:
         result.status, result.reason = "unreadable", f"{type(exc).__name__}: {exc}"
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root if own_root else folders.own, ignore_errors=True)
     for e in lab.exercises:
         v = result.verdicts.get(e.name)
         result.points[e.name] = e.points if v is not None and v.passed else 0.0
@@ -282,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     job = json.loads(sys.stdin.read())
     lab = find_lab(job["lab"], Path(job["labs_dir"]))
     hidden = hidden_from_source(job["hidden"], lab) if job.get("hidden") else None
-    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden)
+    root = Path(job["root"]) if job.get("root") else None
+    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden,
+                       root=root, unreadable=tuple(job.get("unreadable", ())))
     data = json.dumps(asdict(result)).encode()
     if args.result_fd is None:
         sys.stdout.write("\n" + data.decode() + "\n")
