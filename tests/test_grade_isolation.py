@@ -18,13 +18,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from loracore.grade import grade
-from loracore.grade import run as grade_run
+from loracore.grade import kernel as grade_kernel
+from loracore.grade.kernel import Folders, Limits, _sandbox_manager, curve_supported, kernel_argv, kernel_env
 from loracore.grade.landlock import allow_all_but
-from loracore.grade.run import Folders, Limits, _kernel_env, _sandbox_manager, curve_supported, kernel_argv
 from loracore.grade.sandbox import landlock_abi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +93,6 @@ def batch(tmp_path):
     a, b = Folders.make(root, unreadable), Folders.make(root, unreadable)
     for f in (a, b):  # as the kernel finds them: its connection file written by the grader
         f.work.mkdir()
-        (f.work / "tmp").mkdir()
         f.connection_file.write_text(json.dumps({"key": SECRET}))
     (b.work / "answers.txt").write_text(SECRET)
     return a, b, hidden, notebooks[1]
@@ -117,6 +115,7 @@ def _as_kernel(folders: Folders, code: str, timeout: float = 120) -> dict[str, s
     assert argv[1:3] == ["-m", "loracore.grade.sandbox"] and argv[-2:] == ["-f", "{connection_file}"]
     script = ("import sys\nfrom loracore.grade.sandbox import limit_from_args\n"
               "print('abi', limit_from_args(sys.argv[1:])[0])\n" + PROBE + textwrap.dedent(code))
+    (folders.work / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(folders.work / "tmp")}
     proc = subprocess.run([sys.executable, "-c", script, *argv[3:-2]], cwd=folders.work, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -184,11 +183,9 @@ def _curve_settings() -> list[bool]:
 
 async def _start(folders: Folders, curve: bool, monkeypatch):
     """Kernel B as the grader starts it (its manager, limits and environment); (manager, client)."""
-    monkeypatch.setattr(grade_run, "curve_supported", lambda: curve)
-    folders.connection_file.unlink(missing_ok=True)
-    for sub in ("tmp",):
-        (folders.work / sub).rmdir()
-    env = _kernel_env(folders.work, folders.work / ".verdicts.jsonl", Limits())
+    monkeypatch.setattr(grade_kernel, "curve_supported", lambda: curve)
+    folders.connection_file.unlink(missing_ok=True)  # the manager writes its own
+    env = kernel_env(folders.work, folders.work / ".verdicts.jsonl", Limits())
     manager = _sandbox_manager(kernel_argv(folders, Limits()), folders.connection_file)(kernel_name="python3")
     await manager.start_kernel(env=env, cwd=str(folders.work))
     client = manager.client()
@@ -207,7 +204,7 @@ async def _stop(manager, client) -> None:
 EXECUTE = """\
 import json, time, zmq
 from jupyter_client.session import Session
-info = {{}}
+info = {}
 try:
     info = json.load(open(CONNECTION))
     print("connection read")
@@ -218,10 +215,10 @@ if "curve_publickey" in info:
     pub = info["curve_publickey"].encode()
     socket.curve_serverkey, socket.curve_publickey = pub, pub
     socket.curve_secretkey = info["curve_secretkey"].encode()
-socket.connect(f"tcp://127.0.0.1:{{PORT}}")
+socket.connect("tcp://127.0.0.1:PORT")
 session = Session(key=info.get("key", "").encode(), signature_scheme="hmac-sha256")
-session.send(socket, "execute_request", {{"code": CODE, "silent": False, "store_history": False,
-                                          "user_expressions": {{}}, "allow_stdin": False}})
+session.send(socket, "execute_request", {"code": CODE, "silent": False, "store_history": False,
+                                         "user_expressions": {}, "allow_stdin": False})
 print("reply", "got" if socket.poll(5000) else "none")
 """
 
@@ -237,28 +234,27 @@ def test_another_kernels_shell_port_runs_none_of_a_kernels_code(batch, curve, mo
         try:
             port = manager.get_connection_info()["shell_port"]
             code = f"open({str(forged)!r}, 'w').write('A ran this in B')"
-            attack = EXECUTE.format().replace("CONNECTION", repr(str(b.connection_file))) \
-                .replace("{PORT}", str(port)).replace("CODE", repr(code))
+            attack = EXECUTE.replace("CONNECTION", repr(str(b.connection_file))) \
+                .replace("PORT", str(port)).replace("CODE", repr(code))
             out = await asyncio.to_thread(_as_kernel, a, attack)
             # the same code, sent by the grader's own client: B runs it, so the attack could tell
             await client.execute_interactive(f"open({str(control)!r}, 'w').write('the grader ran this')",
                                              timeout=60)
-            time.sleep(1)
+            await asyncio.sleep(1)
             return out
         finally:
             await _stop(manager, client)
 
     out = asyncio.run(scenario())
-    assert out["connection"] == "PermissionError", out
     assert control.exists()
     assert not forged.exists(), f"A ran code in B: {out}"
-    assert out["reply"] == "none", out
+    assert out["reply"] == "none" and out["connection"] == "PermissionError", out
 
 
 # A subscribes to B's output channel (every cell's code and outputs) while B prints SECRET.
 LISTEN = """\
 import json, time, zmq
-info = {{}}
+info = {}
 try:
     info = json.load(open(CONNECTION))
 except OSError:
@@ -269,12 +265,12 @@ if "curve_publickey" in info:
     socket.curve_serverkey, socket.curve_publickey = pub, pub
     socket.curve_secretkey = info["curve_secretkey"].encode()
 socket.setsockopt(zmq.SUBSCRIBE, b"")
-socket.connect(f"tcp://127.0.0.1:{{PORT}}")
+socket.connect("tcp://127.0.0.1:PORT")
 heard, end = b"", time.monotonic() + 8
 while time.monotonic() < end:
     if socket.poll(100):
         heard += b"".join(socket.recv_multipart())
-print("heard", "secret" if SECRET.encode() in heard else f"{{len(heard)}} bytes")
+print("heard", "secret" if SECRET.encode() in heard else f"{len(heard)} bytes")
 """
 
 
@@ -287,8 +283,8 @@ def test_another_kernels_output_cannot_be_listened_to(batch, monkeypatch):
         manager, client = await _start(b, True, monkeypatch)
         try:
             port = manager.get_connection_info()["iopub_port"]
-            attack = LISTEN.format().replace("CONNECTION", repr(str(b.connection_file))) \
-                .replace("{PORT}", str(port)).replace("SECRET", repr(SECRET))
+            attack = LISTEN.replace("CONNECTION", repr(str(b.connection_file))) \
+                .replace("PORT", str(port)).replace("SECRET", repr(SECRET))
             listener = asyncio.create_task(asyncio.to_thread(_as_kernel, a, attack))
             heard_by_grader = []
             for _ in range(6):  # while A listens (its interpreter starts in about a second)

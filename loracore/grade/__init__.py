@@ -5,7 +5,10 @@ One idea per module:
 - :mod:`loracore.grade.labs`: a lab's notebook, its exercises and their points;
 - :mod:`loracore.grade.restore`: the learner's answers put back into the course's copy of the
   lab (check cells and every other fixed cell come from the course);
-- :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, writes, signals);
+- :mod:`loracore.grade.landlock`: what the kernel may read and write, and whom it may reach;
+- :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, Landlock's rules);
+- :mod:`loracore.grade.kernel`: the kernel as the grader starts it (its folders, command,
+  manager, notebook client);
 - :mod:`loracore.grade.verdicts`: the checks' verdict records, read back safely, and a
   submission's :class:`Result`;
 - :mod:`loracore.grade.hidden`: an instructor's hidden checks, run in a last cell at grading;
