@@ -5,7 +5,10 @@ One idea per module:
 - :mod:`loracore.grade.labs`: a lab's notebook, its exercises and their points;
 - :mod:`loracore.grade.restore`: the learner's answers put back into the course's copy of the
   lab (check cells and every other fixed cell come from the course);
-- :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, writes, signals);
+- :mod:`loracore.grade.landlock`: what the kernel may read and write, and whom it may reach;
+- :mod:`loracore.grade.sandbox`: the kernel's limits (memory, files, Landlock's rules);
+- :mod:`loracore.grade.kernel`: the kernel as the grader starts it (its folders, command,
+  manager, notebook client);
 - :mod:`loracore.grade.verdicts`: the checks' verdict records, read back safely, and a
   submission's :class:`Result`;
 - :mod:`loracore.grade.hidden`: an instructor's hidden checks, run in a last cell at grading;
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,16 +119,19 @@ def _stop(proc: subprocess.Popen, answered: bool) -> None:
 
 
 def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits,
-                    hidden: Hidden | None = None) -> Result:
+                    hidden: Hidden | None = None, root: Path | None = None,
+                    unreadable: tuple[str, ...] = ()) -> Result:
     """Grade one submission in a child process (the runner); nothing of it outlives its grading.
 
     The result comes back on a pipe given to the runner alone (the kernel it starts never has
     it); its stdout is ``/dev/null`` and its stderr a file read only for its last lines. Every
     wait is bounded: ``limits.timeout + GRACE_SECONDS`` for the result, then
     ``EXIT_WAIT_SECONDS`` for the runner to exit before it and its processes are killed.
+    ``root`` and ``unreadable``: see :func:`loracore.grade.run.grade_one`.
     """
     job = json.dumps({"path": path, "lab": lab.number, "labs_dir": str(labs_dir),
-                      "limits": asdict(limits), "hidden": hidden.source if hidden else None})
+                      "limits": asdict(limits), "hidden": hidden.source if hidden else None,
+                      "root": str(root) if root else None, "unreadable": list(unreadable)})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     zeros = {e.name: 0.0 for e in lab.exercises}
@@ -199,6 +206,11 @@ def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
     sorted by path, the same for any ``jobs``. Torch gets :func:`threads_per_job` threads per kernel.
     ``hidden`` (a file, or :func:`load_hidden`'s result) adds hidden checks: the returned lab
     holds their extra exercises after its own.
+
+    Every submission's files (its kernel's work folder and connection file) go in one folder
+    of the grader's, made for this batch and removed after it; no kernel may read that folder
+    (beyond its own part of it), the hidden checks' file or any submitted notebook
+    (:mod:`loracore.grade.landlock`).
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"loracore grade: --jobs must be a whole number >= 1, got {jobs!r}")
@@ -212,12 +224,18 @@ def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
         limits = Limits(threads=threads_per_job(jobs))
     if paths:
         prepare_model_cache()
+    unreadable = tuple(os.path.abspath(p) for p in [*([hidden.path] if hidden and hidden.path else []), *paths])
     results: list[Result] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_in_process, p, lab, labs_dir, limits, hidden) for p in paths]
-        for future in as_completed(futures):
-            result = future.result()
-            results.append(result)
-            if progress:
-                progress(len(results), len(paths), result)
+    root = Path(tempfile.mkdtemp(prefix="loracore-grade-"))  # made 0700
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_run_in_process, p, lab, labs_dir, limits, hidden, root, unreadable)
+                       for p in paths]
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                if progress:
+                    progress(len(results), len(paths), result)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return lab, sorted(results, key=lambda r: r.submission)

@@ -64,6 +64,7 @@ class Hidden:
     source: str
     checks: tuple[str, ...]          # exercise names, one per check function, in file order
     extra: tuple[Exercise, ...]      # hidden exercises that are not the lab's own
+    path: str | None = None          # the file they came from: the kernels may not read it
 
     def extend(self, lab: Lab) -> Lab:
         """``lab`` with the hidden exercises after its own (gradebook columns, points)."""
@@ -128,7 +129,7 @@ def load_hidden(path: Path | str, lab: Lab) -> Hidden:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"loracore grade: the hidden checks {path} are not UTF-8 ({exc.reason})") from None
-    return hidden_from_source(source, lab, str(path))
+    return dataclasses.replace(hidden_from_source(source, lab, str(path)), path=str(path.resolve()))
 
 
 def _run_hidden(source: str, namespace: dict) -> None:  # runs in the kernel, as the cell's body

@@ -28,103 +28,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import nbformat
 
-from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
 from loracore.grade.hidden import Hidden, fail_unreported, hidden_cell, hidden_from_source, merge_hidden
+from loracore.grade.kernel import COURSE_ROOT, Folders, Limits, kernel_env, model_cache_lock, notebook_client
 from loracore.grade.labs import Lab, find_lab
 from loracore.grade.restore import NotGradable, read_submission, restore
 from loracore.grade.sandbox import become_subreaper, kill_descendants
 from loracore.grade.verdicts import Result, Verdict, merge_record, remove, take_records
 
-#: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
-COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
-
+__all__ = ["COURSE_ROOT", "Folders", "Limits", "Result", "Verdict", "grade_one", "main", "model_cache_lock"]
 
 #: True in ``python -m loracore.grade.run``, a child subreaper: every process below it is the
 #: submission's, so all of them are killed after its notebook (not so for a caller of grade_one).
 _is_runner = False
-
-
-def model_cache_lock() -> Path:
-    """The lock file every load of the offline model opens for writing.
-
-    The same path as ``loracore.models.cache_root() / ".smollm2.lock"`` (a test keeps them in
-    step), without importing torch into every grading process.
-    """
-    env = os.environ.get("LORACORE_CACHE", "").strip()
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
-    return root / ".smollm2.lock"
-
-
-@dataclass
-class Limits:
-    """What one submission may use."""
-
-    timeout: float = 600.0        # seconds for the whole notebook, kernel start included
-    memory_mb: int = 6144         # the kernel's address space (RLIMIT_AS)
-    output_kb: int = 1024         # all outputs together; the rest is dropped
-    threads: int = 1              # torch / OpenMP threads in the kernel
-
-
-
-def _sandbox_manager(argv: list[str]) -> type:
-    """A kernel manager class whose kernels start through :mod:`loracore.grade.sandbox`."""
-    from jupyter_client.kernelspec import KernelSpec
-    from jupyter_client.manager import AsyncKernelManager
-
-    class SandboxKernelManager(AsyncKernelManager):
-        @property
-        def kernel_spec(self) -> KernelSpec:  # the same Python, the grader's limits
-            return KernelSpec(argv=argv, display_name="loracore grade", language="python",
-                              resource_dir=str(COURSE_ROOT))
-
-    return SandboxKernelManager
-
-
-def _client(nb: nbformat.NotebookNode, workdir: Path, limits: Limits) -> Any:
-    """An nbclient that caps outputs and starts the sandboxed kernel."""
-    from nbclient import NotebookClient
-
-    argv = [sys.executable, "-m", "loracore.grade.sandbox", "--workdir", str(workdir),
-            "--memory-mb", str(limits.memory_mb), "--writable", str(model_cache_lock()),
-            "-f", "{connection_file}"]
-
-    class CappedClient(NotebookClient):
-        budget = limits.output_kb * 1024
-        dropped = 0
-
-        def output(self, outs, msg, display_id, cell_index):  # type: ignore[no-untyped-def]
-            size = len(json.dumps(msg.get("content", {}), default=str))
-            if size > self.budget:
-                self.dropped += size
-                return None
-            self.budget -= size
-            return super().output(outs, msg, display_id, cell_index)
-
-    return CappedClient(nb, timeout=int(limits.timeout), allow_errors=True, kernel_name="python3",
-                        kernel_manager_class=_sandbox_manager(argv), shutdown_kernel="immediate",
-                        iopub_timeout=10, resources={"metadata": {"path": str(workdir)}})
-
-
-def _kernel_env(workdir: Path, verdicts: Path, limits: Limits) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONSTARTUP", "JPY_"))}
-    env.update(SHORT_MODE)
-    threads = str(max(1, limits.threads))
-    env.update({
-        "LORACORE_VERDICTS": str(verdicts),
-        "PYTHONPATH": os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
-        "TMPDIR": str(workdir / "tmp"), "IPYTHONDIR": str(workdir / ".ipython"),
-        "MPLCONFIGDIR": str(workdir / ".matplotlib"), "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-    })
-    for sub in ("tmp", ".ipython", ".matplotlib"):
-        (workdir / sub).mkdir()
-    return env
 
 
 def _first_error(cell: nbformat.NotebookNode) -> str:
@@ -146,14 +66,16 @@ def _reap() -> None:
             return
 
 
-def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Result) -> None:
+def _execute(nb_cells: list, lab: Lab, folders: Folders, limits: Limits, result: Result) -> None:
     """Run the restored cells in the sandboxed kernel, filling ``result`` in."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    workdir = folders.work
+    workdir.mkdir()
     verdict_file = workdir / ".verdicts.jsonl"
-    env = _kernel_env(workdir, verdict_file, limits)
+    env = kernel_env(workdir, verdict_file, limits)
     nb = nbformat.v4.new_notebook(cells=[g.cell for g in nb_cells])
-    client = _client(nb, workdir, limits)
+    client = notebook_client(nb, folders, limits)
     deadline = time.monotonic() + limits.timeout
     stopped_at: str | None = None
     cell_errors: dict[str, str] = {}
@@ -235,12 +157,21 @@ def _execute(nb_cells: list, lab: Lab, workdir: Path, limits: Limits, result: Re
     result.reason = "; ".join(filter(None, [result.reason, *notes]))
 
 
-def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None) -> Result:
+def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None, *,
+              root: Path | None = None, unreadable: tuple[str, ...] = ()) -> Result:
     """Grade the submission at ``path`` for ``lab`` (with ``hidden`` checks: ``hidden.extend(lab)``
-    and its cell last); the file itself is only read."""
+    and its cell last); the file itself is only read.
+
+    Its files go in a new folder inside ``root`` (the batch's folder, which its kernel may not
+    read; without it, a new one of its own); ``unreadable`` adds paths its kernel may not read
+    (the hidden checks' file and the submissions are added here).
+    """
     start = time.monotonic()
     result = Result(path, "ok", points={e.name: 0.0 for e in lab.exercises})
-    workdir = Path(tempfile.mkdtemp(prefix="loracore-grade-"))
+    own_root = root is None
+    root = Path(tempfile.mkdtemp(prefix="loracore-grade-")) if root is None else Path(root)
+    hidden_file = (hidden.path,) if hidden is not None and hidden.path else ()
+    folders = Folders.make(root, tuple(dict.fromkeys([*unreadable, *hidden_file, os.path.abspath(path)])))
     try:
         data = Path(path).read_bytes()
         learner = read_submission(data, lab)
@@ -249,13 +180,13 @@ def grade_one(path: str, lab: Lab, limits: Limits, hidden: Hidden | None = None)
         if restored.restored:
             notes.append(f"{restored.restored} lab cell(s) changed or deleted by the learner, restored")
         result.reason = "; ".join(notes)
-        _execute(restored.cells + ([hidden_cell(hidden)] if hidden else []), lab, workdir, limits, result)
+        _execute(restored.cells + ([hidden_cell(hidden)] if hidden else []), lab, folders, limits, result)
     except NotGradable as exc:
         result.status, result.reason = exc.status, exc.reason
     except OSError as exc:
         result.status, result.reason = "unreadable", f"{type(exc).__name__}: {exc}"
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root if own_root else folders.own, ignore_errors=True)
     for e in lab.exercises:
         v = result.verdicts.get(e.name)
         result.points[e.name] = e.points if v is not None and v.passed else 0.0
@@ -282,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     job = json.loads(sys.stdin.read())
     lab = find_lab(job["lab"], Path(job["labs_dir"]))
     hidden = hidden_from_source(job["hidden"], lab) if job.get("hidden") else None
-    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden)
+    root = Path(job["root"]) if job.get("root") else None
+    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden,
+                       root=root, unreadable=tuple(job.get("unreadable", ())))
     data = json.dumps(asdict(result)).encode()
     if args.result_fd is None:
         sys.stdout.write("\n" + data.decode() + "\n")

@@ -6,13 +6,17 @@ this order, before any learner code exists in the process:
 - a memory limit (``RLIMIT_AS``): an unbounded allocation ends in ``MemoryError`` inside the
   learner's cell, not in the machine's out-of-memory killer;
 - a file-size limit (``RLIMIT_FSIZE``) and no core files;
-- on Linux with Landlock (5.13+), writes only beneath ``DIR`` (and ``/dev/null`` and each
-  ``--writable PATH``: the model cache's lock file, which every model load takes; not
-  ``/dev/shm``, which nothing would clean, and which the labs do not use: torch needs it only
-  to share tensors between processes):
-  deleting or editing the course, another submission or anything else is refused by the
-  kernel of the operating system (``PermissionError``); and, where Landlock has scopes (6.12+),
-  no signals to processes outside the sandbox (the grader, the other submissions' kernels);
+- on Linux with Landlock (5.13+, :mod:`loracore.grade.landlock`), writes only beneath ``DIR``
+  (and ``/dev/null`` and each ``--writable PATH``: the model cache's lock file, which every
+  model load takes; not ``/dev/shm``, which nothing would clean, and which the labs do not
+  use: torch needs it only to share tensors between processes): deleting or editing the
+  course, another submission or anything else is refused by the kernel of the operating
+  system (``PermissionError``); with ``--unlisted DIR`` (the grader's folder of every
+  submission's files) and ``--unreadable PATH`` (the hidden checks, the submitted notebooks),
+  reads everywhere but there, except beneath ``--readable PATH`` (this submission's own
+  folder); no tracing of, so no ``/proc/PID/environ``, ``mem`` or ``fd`` of, a process
+  outside the sandbox; and, where Landlock has scopes (6.12+), no signals to processes
+  outside the sandbox (the grader, the other submissions' kernels);
 - no new privileges, and no capabilities when started as root (so the limits stay put);
 - standard output and error on ``/dev/null``: what the kernel or a process it starts writes
   there reaches no reader (the grader's result travels on a descriptor the kernel never has);
@@ -35,82 +39,16 @@ import signal
 import sys
 import time
 
-# Landlock's system calls and flags (linux/landlock.h); the numbers are the same on every
-# architecture that has them.
-_CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
-_FS_WRITE_FILE, _FS_REMOVE_DIR, _FS_REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
-_FS_MAKE = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
-_FS_REFER, _FS_TRUNCATE = 1 << 13, 1 << 14
-_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
-_PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER = 38, 24, 36
-_O_PATH = getattr(os, "O_PATH", 0o10000000)
+from loracore.grade.landlock import landlock_abi, restrict
 
+__all__ = ["apply_limits", "become_subreaper", "descendants", "drop_capabilities", "kill_descendants",
+           "landlock_abi", "limit_from_args", "quiet_output"]
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+_PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER = 24, 36
 
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
-
-
-def landlock_abi() -> int:
-    """Landlock's ABI version on this machine, or 0 when it has none (not Linux, too old, off)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        version = _libc().syscall(_CREATE_RULESET, None, ctypes.c_size_t(0),
-                                  ctypes.c_uint32(_CREATE_RULESET_VERSION))
-    except (OSError, AttributeError):
-        return 0
-    return max(int(version), 0)
-
-
-def restrict_writes(writable: list[str]) -> int:
-    """Allow file-system writes only beneath ``writable`` for this process and its children.
-
-    Returns the Landlock ABI used (0: not available, nothing restricted). Reads are not
-    restricted: the kernel needs Python, torch and the course's files.
-    """
-    abi = landlock_abi()
-    if abi == 0:
-        return 0
-    libc = _libc()
-    handled = _FS_WRITE_FILE | _FS_REMOVE_DIR | _FS_REMOVE_FILE | _FS_MAKE
-    handled |= (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(handled, 0, (_SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL) if abi >= 6 else 0)
-    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
-    try:
-        for path in writable:
-            if not os.path.exists(path):
-                continue
-            fd = os.open(path, _O_PATH | os.O_CLOEXEC)
-            try:
-                # A single file (e.g. /dev/null) only takes the rights that apply to files.
-                rights = handled if os.path.isdir(path) else _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
-                rule = _PathBeneathAttr(rights, fd)
-                if libc.syscall(_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
-                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
-            finally:
-                os.close(fd)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if libc.syscall(_RESTRICT_SELF, ruleset, 0) != 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
-    return abi
 
 
 def drop_capabilities() -> None:
@@ -139,16 +77,20 @@ def drop_capabilities() -> None:
 
 
 def apply_limits(workdir: str, memory_mb: int, file_mb: int = 256,
-                 writable: list[str] | None = None) -> int:
+                 writable: list[str] | None = None, readable: list[str] | None = None,
+                 unlisted: list[str] | None = None, unreadable: list[str] | None = None) -> int:
     """Every limit in this module's docstring; returns the Landlock ABI used (0: none).
 
     ``writable`` adds paths that may be written besides ``workdir`` (the model cache's lock file).
+    ``unlisted`` (folders: neither listed nor read) and ``unreadable`` (paths whose content is
+    not read) restrict reads, except beneath ``readable`` paths; see
+    :func:`loracore.grade.landlock.restrict`.
     """
     memory = memory_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb * 2**20, file_mb * 2**20))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    abi = restrict_writes([workdir, "/dev/null", *(writable or [])])
+    abi = restrict([workdir, "/dev/null", *(writable or [])], readable, unlisted, unreadable)
     drop_capabilities()
     return abi
 
@@ -234,13 +176,26 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> None:
+def limit_from_args(argv: list[str]) -> tuple[int, list[str]]:
+    """Apply the limits the command line ``argv`` asks for (this module's docstring).
+
+    Returns the Landlock ABI used (0: limits only) and the arguments left for ipykernel.
+    """
     parser = argparse.ArgumentParser(description="an IPython kernel inside the grader's limits")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--writable", action="append", default=[])
+    parser.add_argument("--readable", action="append", default=None)
+    parser.add_argument("--unlisted", action="append", default=None)
+    parser.add_argument("--unreadable", action="append", default=None)
     args, rest = parser.parse_known_args(argv)
-    abi = apply_limits(args.workdir, args.memory_mb, writable=args.writable)
+    abi = apply_limits(args.workdir, args.memory_mb, writable=args.writable, readable=args.readable,
+                       unlisted=args.unlisted, unreadable=args.unreadable)
+    return abi, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    abi, rest = limit_from_args(sys.argv[1:] if argv is None else argv)
     os.environ["LORACORE_SANDBOX"] = f"landlock {abi}" if abi else "limits only"
     quiet_output()
     from ipykernel.kernelapp import launch_new_instance
