@@ -75,6 +75,30 @@ def test_merges_equal_peft(n, ties_in_values):
                 assert torch.equal(M.dare_ties(ts, w, d, sign), want)
 
 
+def test_magnitude_prune_by_threshold_keeps_topks_set(monkeypatch):
+    """The CPU's selection shortcut (kthvalue) returns exactly what topk returns: on large
+    tensors of every float dtype, with a tie at the threshold, with inf and NaN, and keeping
+    nothing or everything; and it is really taken where it can be (topk is not called)."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(96, 160, generator=g)
+    cases = [big, big.to(torch.float64), big.to(torch.bfloat16), big.to(torch.float16),
+             torch.round(big * 2) / 2,                                  # ties at the threshold
+             torch.where(big > 2, torch.inf, big), torch.where(big > 2.5, torch.nan, big),
+             torch.zeros(40, 50)]
+    for t in cases:
+        for d in (0.0001, 0.1, 0.3, 0.5, 0.9, 0.99999):
+            ours, peft_s = M.prune(t, d, "magnitude"), pm.prune(t, d, "magnitude")
+            assert torch.equal(ours.isnan(), peft_s.isnan()), (t.dtype, d)   # NaN != NaN in equal
+            assert torch.equal(ours.nan_to_num(0.0), peft_s.nan_to_num(0.0)), (t.dtype, d)
+
+    def no_topk(*args, **kwargs):
+        raise AssertionError("topk called")
+    monkeypatch.setattr(torch, "topk", no_topk)
+    assert int((M.magnitude_prune_tensor(big, 0.3) != 0).sum()) == int(0.3 * big.numel())
+    with pytest.raises(AssertionError, match="topk called"):  # a tie needs topk's own order
+        M.magnitude_prune_tensor(torch.tensor([1.0, -1.0, 0.5]), 0.4)
+
+
 def test_the_merges_are_not_all_the_same():
     """Guards the parity test: with distinct methods giving distinct results, equality with
     PEFT is a real check per method, not one function compared five times."""
