@@ -492,10 +492,10 @@ def test_llama_cpp_on_our_f32_base_answers_exactly_like_loracore(smollm2_with_ad
 
 
 @pytest.mark.xfail(strict=True, reason="first run against real llama.cpp (llama-cpp-python 0.3.36, "
-                   "2026-12-07): 5-6 of 8 answers equal; the logit-shift cosine was 0.60 with this seed and 0.01 to 0.88 "
-                   "with unseeded adapters, under the "
-                   "0.95 this test expected; the F32 test above agrees exactly, so the export is right and "
-                   "this threshold is not yet understood")
+                   "2026-12-07): 5-6 of 8 answers equal; the logit-shift cosine was 0.60 with this "
+                   "seed and 0.01 to 0.88 with unseeded adapters, under the 0.95 this test expected; "
+                   "the F32 test above agrees exactly, so the export is right and this threshold is "
+                   "not yet understood")
 def test_llama_cpp_on_the_shipped_q4_base_agrees_with_loracore(smollm2_with_adapter):
     """The course's own SmolLM2 GGUF (Q4_1) plus the adapter. loracore's model holds the same
     Q4_1 weights dequantized, but llama.cpp multiplies Q4_1 weights with activations rounded to
