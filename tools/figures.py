@@ -62,6 +62,20 @@ def _save(fig, path: Path, **kw) -> None:
 # --------------------------------------------------------------------------- (a) the LoRA layer
 
 
+def _factor(ax, x0: float, x1: float, y: float, half: tuple[float, float], name: str, shape: str,
+            note: str) -> None:
+    """One LoRA factor as a trapezoid from x0 to x1 centred on y, ``half`` its half-heights at
+    the left and right ends (wide to narrow for A, narrow to wide for B), labelled inside and
+    annotated below."""
+    left, right = half
+    ax.add_patch(Polygon([(x0, y - left), (x1, y - right), (x1, y + right), (x0, y + left)],
+                         closed=True, facecolor=TRAIN, edgecolor=TRAIN_EDGE, lw=1.6))
+    mid = (x0 + x1) / 2
+    ax.text(mid, y + 0.08, name, ha="center", va="center", fontsize=15, color=INK)
+    ax.text(mid, y - 0.35, shape, ha="center", va="center", fontsize=10)
+    ax.text(mid, y - 1.15, note, ha="center", va="top", fontsize=9.5, color=TRAIN_EDGE)
+
+
 def _box(ax, x, y, w, h, face, edge, text, size=12, weight="normal", style="round,pad=0.02,rounding_size=0.08"):
     ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, facecolor=face, edgecolor=edge, lw=1.6))
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, weight=weight, color=INK)
@@ -92,12 +106,7 @@ def draw_lora_layer(path: Path) -> None:
 
     # A: a trapezoid narrowing d_in -> r
     a_x0, a_x1 = 2.6, 4.05
-    ax.add_patch(Polygon([(a_x0, low_y - 0.85), (a_x1, low_y - 0.3), (a_x1, low_y + 0.3), (a_x0, low_y + 0.85)],
-                         closed=True, facecolor=TRAIN, edgecolor=TRAIN_EDGE, lw=1.6))
-    ax.text((a_x0 + a_x1) / 2, low_y + 0.08, "$A$", ha="center", va="center", fontsize=15, color=INK)
-    ax.text((a_x0 + a_x1) / 2, low_y - 0.35, "$r \\times d_{in}$", ha="center", va="center", fontsize=10)
-    ax.text((a_x0 + a_x1) / 2, low_y - 1.15, "trained\nstarts random", ha="center", va="top",
-            fontsize=9.5, color=TRAIN_EDGE)
+    _factor(ax, a_x0, a_x1, low_y, (0.85, 0.3), "$A$", "$r \\times d_{in}$", "trained\nstarts random")
 
     # the narrow middle: r numbers per token
     _arrow(ax, (a_x1, low_y), (a_x1 + 0.55, low_y))
@@ -106,12 +115,7 @@ def draw_lora_layer(path: Path) -> None:
 
     # B: a trapezoid widening r -> d_out
     b_x0, b_x1 = a_x1 + 0.55, a_x1 + 2.0
-    ax.add_patch(Polygon([(b_x0, low_y - 0.3), (b_x1, low_y - 0.85), (b_x1, low_y + 0.85), (b_x0, low_y + 0.3)],
-                         closed=True, facecolor=TRAIN, edgecolor=TRAIN_EDGE, lw=1.6))
-    ax.text((b_x0 + b_x1) / 2, low_y + 0.08, "$B$", ha="center", va="center", fontsize=15, color=INK)
-    ax.text((b_x0 + b_x1) / 2, low_y - 0.35, "$d_{out} \\times r$", ha="center", va="center", fontsize=10)
-    ax.text((b_x0 + b_x1) / 2, low_y - 1.15, "trained\nstarts at 0", ha="center", va="top",
-            fontsize=9.5, color=TRAIN_EDGE)
+    _factor(ax, b_x0, b_x1, low_y, (0.3, 0.85), "$B$", "$d_{out} \\times r$", "trained\nstarts at 0")
 
     # scaling
     s_x = b_x1 + 0.35
