@@ -63,16 +63,17 @@ def hint(lab: str, exercise: str, n: int | None = None) -> None:
     hint ``n`` again. See :class:`loracore.selfcheck.Hints`.
     """
     import importlib
-    import re
 
-    m = re.fullmatch(r"(?:lab)?0*(\d{1,2})(?:_\w*)?", str(lab).strip().lower())
-    if not m:
+    from loracore.selfcheck import lab_number_or_none
+
+    number = lab_number_or_none(lab)
+    if number is None:
         raise ValueError(f"loracore.hint: {lab!r} is not a lab; give it as \"lab02\" or 2")
-    name = f"loracore.checks.lab{int(m.group(1)):02d}"
+    name = f"loracore.checks.lab{number}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
-        raise ValueError(f"loracore.hint: there is no lab {int(m.group(1)):02d} with hints") from None
+        raise ValueError(f"loracore.hint: there is no lab {number} with hints") from None
     module.hint(exercise, n)

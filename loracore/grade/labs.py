@@ -16,6 +16,8 @@ from pathlib import Path
 
 import nbformat
 
+from loracore.selfcheck import lab_number_or_none
+
 #: The course's copy of the labs (the repository's ``labs/`` folder).
 LABS_DIR = Path(__file__).resolve().parent.parent.parent / "labs"
 
@@ -54,11 +56,11 @@ class Lab:
 
 def lab_number(lab: str) -> str:
     """``"lab01"``, ``"01"``, ``"1"`` or ``"lab01_lora_layer"`` -> ``"01"``."""
-    m = re.fullmatch(r"(?:lab)?0*(\d{1,2})(?:_\w*)?(?:\.ipynb)?", lab.strip().lower())
-    if not m:
+    number = lab_number_or_none(lab)
+    if number is None:
         raise ValueError(f"loracore grade: {lab!r} is not a lab; give its name or number, "
                          f"e.g. lab01, 01 or 1")
-    return f"{int(m.group(1)):02d}"
+    return number
 
 
 def exercises_of(module_name: str) -> tuple[Exercise, ...]:
