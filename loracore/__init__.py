@@ -43,7 +43,8 @@ Around the lessons:
 - ``cli`` and ``__main__``: the ``loracore`` command and its subcommands;
 - ``export``: ``loracore export``, an adapter turned into what another program runs;
 - ``atomic``: crash-safe writes, a file or a folder replaced completely or not at all;
-- ``argtypes``: the command line's positive numbers (finite, above zero);
+- ``argtypes``: the command line's positive numbers (finite, above zero) and lab names;
+- ``finetune_args``: ``loracore finetune``'s options, readable without torch;
 - ``bench``: medians of repeated timings, one JSON result per benchmark;
 - ``extras``: the pip extra each optional command needs (``serve``, ``grade``);
 - ``_quiet``: silences one offline log notice of bitsandbytes; installed on import.
@@ -64,7 +65,7 @@ def hint(lab: str, exercise: str, n: int | None = None) -> None:
     """
     import importlib
 
-    from loracore.selfcheck import lab_number_or_none
+    from loracore.argtypes import lab_number_or_none
 
     number = lab_number_or_none(lab)
     if number is None:

@@ -135,8 +135,15 @@ def run_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    # torch, transformers and datasets load here, when a run starts, not for every command.
+    from loracore.finetune import run_command
+
+    return run_command(args)
+
+
 def add_finetune(subparsers: argparse._SubParsersAction) -> None:
-    from loracore.finetune import add_arguments, run_command
+    from loracore.finetune_args import add_arguments
 
     p = subparsers.add_parser(
         "finetune", help="fine-tune a LoRA adapter on a chat JSONL file (torchrun for many processes)",
@@ -144,7 +151,7 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
                     "with checkpoints to resume from. Under torchrun each process takes its share "
                     "of every global batch (spell the rank --rank there).")
     add_arguments(p)
-    p.set_defaults(func=run_command)
+    p.set_defaults(func=run_finetune)
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:

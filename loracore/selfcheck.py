@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, TypeVar
@@ -116,13 +115,6 @@ def call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             f"{getattr(fn, '__name__', 'this function')} is not written yet: "
             f"replace the `raise NotImplementedError` in its cell with your code. ({exc})"
         ) from None
-
-
-def lab_number_or_none(lab: str) -> str | None:
-    """``"lab01"``, ``"01"``, ``"1"``, ``"lab01_lora_layer"`` or its ``.ipynb`` -> ``"01"``;
-    ``None`` for anything that names no lab (each caller words its own refusal)."""
-    m = re.fullmatch(r"(?:lab)?0*(\d{1,2})(?:_\w*)?(?:\.ipynb)?", str(lab).strip().lower())
-    return f"{int(m.group(1)):02d}" if m else None
 
 
 # --------------------------------------------------------------------------- hints on demand

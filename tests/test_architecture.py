@@ -4,7 +4,10 @@ module over 300 lines says why it is still one idea."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,18 @@ def test_the_readme_library_table_names_every_module():
     missing = sorted(m for m in tops
                      if f"loracore/{m}.py" not in readme and f"loracore/{m}/" not in readme)
     assert not missing, f"README's library table omits {missing}"
+
+
+def test_the_command_line_and_the_grader_start_without_torch():
+    """torch, transformers and datasets cost about 5 s of CPU per process: `loracore --help`, a
+    refused argument and the grader (whose kernels import them on their own) never load them."""
+    code = ("import sys\n"
+            "from loracore.cli import build_parser\n"
+            "build_parser().parse_args(['grade', 'lab01', 'class'])\n"
+            "import loracore.grade, loracore.grade.exports, loracore.grade.gradebook\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets'})\n"
+            "print(heavy)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"the command line imported {done.stdout.strip()}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nbformat
 
-from loracore.selfcheck import lab_number_or_none
+from loracore.argtypes import lab_number_or_none
 
 #: The course's copy of the labs (the repository's ``labs/`` folder).
 LABS_DIR = Path(__file__).resolve().parent.parent.parent / "labs"
