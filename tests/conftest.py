@@ -158,9 +158,13 @@ def run_script(script: str, args: list[str], *, env: dict[str, str] | None = Non
     importing torch, transformers and datasets. The script runs with ``__name__ == "__main__"``
     and ``sys.argv == ["-c", *args]``, changes only the child's copy of any module it patches,
     and the child never returns into pytest. ``env`` (for the variables the script reads at
-    import, such as HF_HOME) needs a fresh interpreter: then, and off Linux, it is one.
+    import, such as HF_HOME) needs a fresh interpreter: then it is one, and also off Linux and
+    when PyTorch computes on more than one thread here: an OpenMP thread pool does not survive a
+    fork (the child hangs at its first parallel region), and a child on fewer threads would not
+    round as this process does. ``make test`` runs on one thread (OMP_NUM_THREADS=1).
     """
-    if env is not None or not sys.platform.startswith("linux"):
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 1
+    if env is not None or not sys.platform.startswith("linux") or torch_threads != 1:
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
