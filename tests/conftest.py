@@ -10,12 +10,21 @@ tests/ on the import path):
 - :func:`randomize_B` gives every ``lora_B`` non-zero values (B starts at zero, and a test of
   an adapter whose B is zero passes whatever the code does);
 - :func:`snapshot` / :func:`assert_unchanged` check that a refused or interrupted operation
-  left a model exactly as it was, and :func:`fail_on_call` injects the failure half-way.
+  left a model exactly as it was, and :func:`fail_on_call` injects the failure half-way;
+- :func:`run_script` runs a Python script in a child process (a fork of this one on Linux), for
+  the tests that kill it (SIGKILL) or cap its file size.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +142,62 @@ def with_adapter(model: nn.Module, targets, r: int, alpha: float, *, seed: int =
             w = lay.lora_B["default"].weight
             w.copy_(torch.randn(w.shape, generator=g) * 0.2)
     return m
+
+
+# ---- a child process that a test may kill -----------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, args: list[str], *, env: dict[str, str] | None = None,
+               timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``script`` as ``python -c script *args`` would, in a child process; its exit status
+    (``-N`` when signal N killed it), stdout and stderr come back as from :func:`subprocess.run`.
+
+    On Linux the child is a fork of this process: a real process (SIGKILL, RLIMIT_FSIZE and the
+    files it leaves are what they would be), without the 8-10 s of CPU a fresh interpreter spends
+    importing torch, transformers and datasets. The script runs with ``__name__ == "__main__"``
+    and ``sys.argv == ["-c", *args]``, changes only the child's copy of any module it patches,
+    and the child never returns into pytest. ``env`` (for the variables the script reads at
+    import, such as HF_HOME) needs a fresh interpreter: then it is one, and also off Linux and
+    when PyTorch computes on more than one thread here: an OpenMP thread pool does not survive a
+    fork (the child hangs at its first parallel region), and a child on fewer threads would not
+    round as this process does. ``make test`` runs on one thread (OMP_NUM_THREADS=1).
+    """
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 1
+    if env is not None or not sys.platform.startswith("linux") or torch_threads != 1:
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: run the script, then leave without unwinding pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                sys.argv = ["-c", *args]
+                exec(compile(script, "<run_script>", "exec"), {"__name__": "__main__"})
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["<fork>", *args], timeout)
+            time.sleep(0.01)
+        status = done[1]
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(["<fork>", *args], code, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from loracore import finetune
 from loracore.checkpoint import read_checkpoint
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "capitals_train.jsonl"
 EVAL = ROOT / "data" / "capitals_test.jsonl"
@@ -60,11 +62,11 @@ def _run(out: Path, *extra: str) -> int:
 # ---- results ------------------------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 gloo processes, each taking half of every global batch, gives the
-    single-process adapter within 1e-6 after 5 steps (grad accumulation included)."""
+    single-process adapter within 1e-6 after 5 steps (grad accumulation included). The single
+    process is this one (as under ``torchrun --nproc_per_node=1``: WORLD_SIZE 1, no process group)."""
     args = [*COMMON, "--steps", "5", "--grad-accum", "2"]
-    one = _torchrun(1, [*args, "--out", str(tmp_path / "one")])
+    assert finetune.main([*args, "--out", str(tmp_path / "one")]) == 0
     two = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
-    assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 28  # 7 projections x 2 layers x (A, B)
@@ -157,27 +159,34 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """The 6-step run with a checkpoint every 2, never interrupted (made once; only read)."""
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    assert _run(out, *SIGKILL_STEPS) == 0
+    return out
+
+
+SIGKILL_STEPS = ["--steps", "6", "--save-every", "2"]
+
+
 @pytest.mark.parametrize("where, at, resumes_from", [
     ("after-checkpoint", 4, 4),
     ("new-complete", 2, 2),  # step 4's checkpoint complete but not in place: step 2's is kept
     ("old-aside", 1, 4),     # step 2's moved aside, step 4's complete: step 4's is taken
 ])
-def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path, where, at, resumes_from):
-    steps = ["--steps", "6", "--save-every", "2"]
-    assert _run(tmp_path / "whole", *steps) == 0
-
+def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(whole, tmp_path, where, at, resumes_from):
+    steps = SIGKILL_STEPS
     out = tmp_path / "killed"
-    child = subprocess.run([sys.executable, "-c", KILLER, where, str(at), *COMMON, "--out",
-                            str(out), *steps], env=_env(), capture_output=True, text=True,
-                           timeout=120)
+    child = run_script(KILLER, [where, str(at), *COMMON, "--out", str(out), *steps], timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert not (out / "adapter_model.safetensors").exists()  # it really died before the end
     assert read_checkpoint(out / "checkpoint")["state"]["step"] == resumes_from
 
     assert _run(out, *steps, "--resume") == 0
-    whole, resumed = _adapter(tmp_path / "whole"), _adapter(out)
+    h_whole = json.loads((whole / "history.json").read_text())
+    whole, resumed = _adapter(whole), _adapter(out)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    h_whole = json.loads((tmp_path / "whole" / "history.json").read_text())
     h_resumed = json.loads((out / "history.json").read_text())
     assert h_whole["loss"] == h_resumed["loss"]
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") or "checkpoint" in p.name]
@@ -201,9 +210,8 @@ def test_resume_from_a_different_configuration_says_which_setting(tmp_path, caps
     assert _run(out, "--steps", "4", "--save-every", "2") == 0
     # a finished run has no checkpoint left; make one that stops half-way
     out2 = tmp_path / "half"
-    child = subprocess.run([sys.executable, "-c", KILLER, "after-checkpoint", "2", *COMMON,
-                            "--out", str(out2), "--steps", "4", "--save-every", "2"],
-                           env=_env(), capture_output=True, text=True, timeout=120)
+    child = run_script(KILLER, ["after-checkpoint", "2", *COMMON, "--out", str(out2), "--steps",
+                                "4", "--save-every", "2"], timeout=120)
     assert child.returncode == -signal.SIGKILL
     before = {p.name: p.stat().st_mtime_ns for p in out2.rglob("*")}
     assert finetune.main([*COMMON[:4], "--rank", "8", *COMMON[6:], "--out", str(out2),
@@ -232,11 +240,26 @@ def test_output_folder_with_other_files_is_refused_unless_overwrite(tmp_path, ca
     assert "an earlier run" in capsys.readouterr().err
 
 
-def test_world_size_must_divide_the_global_batch(tmp_path):
+def test_world_size_must_divide_the_global_batch(tmp_path, monkeypatch, capsys):
+    """Each of 2 processes refuses before writing anything, and rank 0 alone says why. Each
+    process is played here in turn: torchrun's environment, and a process group of 2 members
+    (torch's in-process "fake" backend), which ``run_command`` closes on the way out. (The real
+    two-process run is test_two_processes_equal_one's.)"""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
     args = [a if a != "4" else "3" for a in COMMON]  # --rank 3, --batch-size 3
-    result = _torchrun(2, [*args, "--out", str(tmp_path / "o"), "--steps", "1"], timeout=120)
-    assert result.returncode != 0
-    assert "--batch-size 3 is not divisible by the 2 processes" in result.stderr
+    for rank in (0, 1):
+        for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2)):
+            monkeypatch.setenv(name, str(value))
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+        assert finetune.main([*args, "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+        assert not dist.is_initialized()
+        err = capsys.readouterr().err
+        if rank == 0:
+            assert "--batch-size 3 is not divisible by the 2 processes" in err
+        else:
+            assert err == ""
     assert not (tmp_path / "o").exists()
 
 
@@ -265,17 +288,19 @@ def test_unknown_model_is_refused(tmp_path, capsys):
     assert "neither a course model" in capsys.readouterr().err
 
 
-def test_the_loracore_command_runs_it(tmp_path):
-    """`loracore finetune` (here as `python -m loracore`) is the same command."""
+def test_the_loracore_command_runs_it(tmp_path, capsys):
+    """`loracore finetune` (here as `python -m loracore`, a fresh process) is the same command;
+    its refusal is exit status 2 (the second run, through the same entry point in this process:
+    ``python -m loracore`` exits with what ``cli.main`` returns)."""
+    from loracore import cli
+
     done = subprocess.run([sys.executable, "-m", "loracore", "finetune", *COMMON, "--out",
                            str(tmp_path / "o"), "--steps", "1"], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
-    bad = subprocess.run([sys.executable, "-m", "loracore", "finetune", *COMMON, "--out",
-                          str(tmp_path / "o"), "--steps", "1"], env=_env(), capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and "already holds an earlier run" in bad.stderr
+    assert cli.main(["finetune", *COMMON, "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "already holds an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("machine, device, choice, want", [

@@ -16,8 +16,6 @@ import os
 import pickle
 import signal
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -29,18 +27,13 @@ import loracore.adapters as adapters
 from loracore import atomic, finetune
 from loracore.checkpoint import read_checkpoint
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "capitals_train.jsonl"
 COMMON = ["--model", "tiny-qwen2", "--data", str(DATA), "--rank", "4", "--lora-alpha", "8",
           "--batch-size", "4", "--lr", "5e-3", "--no-progress"]
 RUN_FILES = ["adapter_config.json", "adapter_model.safetensors", "history.json", "training_args.json"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
 
 
 def _run(out: Path, *extra: str) -> int:
@@ -128,9 +121,9 @@ CHILD = textwrap.dedent("""
 
 
 def _child(fault: str, arg: str, out: Path, *extra: str, snapshot: Path | None = None):
-    return subprocess.run([sys.executable, "-c", CHILD, fault, str(arg), str(snapshot or "-"),
-                           *COMMON, "--out", str(out), *extra], env=_env(), capture_output=True,
-                          text=True, timeout=180)
+    """CHILD in a child process (a fork of this one on Linux: conftest.run_script)."""
+    return run_script(CHILD, [fault, str(arg), str(snapshot or "-"), *COMMON, "--out", str(out),
+                              *extra])
 
 
 @pytest.fixture(scope="module")

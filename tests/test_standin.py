@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import randomize_B
+from conftest import randomize_B, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -326,9 +326,7 @@ q.build_standin(Path({hf_home!r}))
 def test_sigkill_half_way_leaves_nothing_the_qwen2_path_finds(fake, tmp_path, where):
     script = KILL.format(tools=str(ROOT / "tools"), source=str(fake), where=where,
                          hf_home=str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_script(script, [], timeout=300)  # a child process (conftest.run_script)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert found(tmp_path) == [None, None]
     assert not (q.repo_dir(tmp_path) / "refs" / "main").exists()
@@ -365,20 +363,31 @@ def load_standin(hf_home: Path, tied: bool, biased: bool = False):
     return model
 
 
+@pytest.fixture(scope="module")
+def smollm2_answers() -> dict[str, tuple[dict, torch.Tensor, torch.Tensor]]:
+    """SmolLM2's own function on PROMPTS, computed once for both variants:
+    {prompt: (token ids, logits (1, seq, vocab), 16 greedy tokens after the prompt)}."""
+    reference, tokenizer = loracore.models.load_base_model("smollm2-135m", verbose=False)
+    answers = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            answers[prompt] = (ids, logits(reference, ids),
+                               reference.generate(**ids, max_new_tokens=16, do_sample=False))
+    return answers
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
-def test_the_stand_in_computes_smollm2s_function(real, smollm2, tied):
-    reference, tokenizer = smollm2
+def test_the_stand_in_computes_smollm2s_function(real, smollm2_answers, tied):
     ours = load_standin(real[tied], tied)
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) is tied
     worst = 0.0
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")
-        diff = (logits(ours, ids) - logits(reference, ids)).abs().max().item()
+    for prompt, (ids, want, theirs) in smollm2_answers.items():
+        diff = (logits(ours, ids) - want).abs().max().item()
         worst = max(worst, diff)
         with torch.no_grad():
             mine = ours.generate(**ids, max_new_tokens=16, do_sample=False)
-            theirs = reference.generate(**ids, max_new_tokens=16, do_sample=False)
         assert torch.equal(mine, theirs), prompt
     print(f"stand-in ({'tied' if tied else 'untied'}) vs SmolLM2: max |logit diff| = {worst:.3g}")
     assert worst <= 1e-5

@@ -195,10 +195,11 @@ BLANKED_RUN = textwrap.dedent("""
 """)
 
 
-def test_two_processes_when_one_has_no_answer_tokens(tmp_path):
+def test_two_processes_when_one_has_no_answer_tokens(tmp_path, monkeypatch):
     """batch 2 over 2 processes, one row each: whenever the blank example is a process's row,
     that process runs a micro-batch with no answer token (a zero loss, so that it joins the
-    gradient all-reduce). No hang, no NaN, and the adapter equals the one-process run's."""
+    gradient all-reduce). No hang, no NaN, and the adapter equals the one-process run's (run
+    here, in pytest's process, as under ``torchrun --nproc_per_node=1``: WORLD_SIZE 1)."""
     lines = DATA.read_text().splitlines()
     data = tmp_path / "three.jsonl"
     data.write_text("\n".join(lines[:3]) + "\n")  # 4 rows a step: the blank one in every step
@@ -206,7 +207,12 @@ def test_two_processes_when_one_has_no_answer_tokens(tmp_path):
     script.write_text(BLANKED_RUN)
     args = [*COMMON, "--data", str(data), "--batch-size", "2", "--grad-accum", "2"]
     runs = {}
-    for nproc in (1, 2):
+    with monkeypatch.context() as m:
+        _blank_first_example(m)
+        assert finetune.main([*args, "--out", str(tmp_path / "n1")]) == 0
+    runs[1] = (load_file(str(tmp_path / "n1" / "adapter_model.safetensors")),
+               json.loads((tmp_path / "n1" / "history.json").read_text())["loss"])
+    for nproc in (2,):
         out = tmp_path / f"n{nproc}"
         with socket.socket() as s:  # a free port for the process group
             s.bind(("127.0.0.1", 0))
