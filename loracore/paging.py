@@ -184,7 +184,7 @@ class PagePool:
         """Make ``pages`` resident (most recently used), evicting others but never ``keep``."""
         if self.closed:
             raise RuntimeError("PagePool: the pool is closed")
-        needed = None  # built on the first eviction only: most calls find their pages in
+        needed = None  # built at the first eviction only: most calls find their pages resident
         for page in pages:
             if page in self._slot_of:
                 self._slot_of.move_to_end(page)
