@@ -4,8 +4,9 @@ A 4096 x 4096 float32 matrix, blocksize 64, with double quantization (QLoRA's se
 
 - quantize: ``loracore.nf4.quantize_nf4`` vs ``bitsandbytes.functional.quantize_4bit(...,
   quant_type="nf4", compress_statistics=True)``. Target: ratio <= 1.0.
-- dequantize to float32: ``dequantize_nf4`` (the fast path: one table look-up per byte) vs
-  ``bitsandbytes.functional.dequantize_4bit`` (a native C++ kernel). Target: ratio <= 3.0.
+- dequantize to float32: ``dequantize_nf4`` (the fast path: one table look-up per byte, in
+  cache-sized pieces) vs ``bitsandbytes.functional.dequantize_4bit`` (a native C++ kernel).
+  Target: ratio <= 1.5 (issue 27; it was <= 3.0 before the pieces).
   The readable path the lessons show (``dequantize_nf4_reference``) is timed too, for reference.
 - memory of the stored weight, NF4 + double quantization vs bfloat16. Target: ratio <= 0.27.
 
@@ -64,7 +65,7 @@ def main() -> None:
          "unit": "ms", "ratio": q["loracore"] / q["bitsandbytes"], "target": "<= 1.0"},
         {"what": f"NF4 dequantize to float32, fast path ({shape})", "loracore": d["loracore"] * 1e3,
          "reference": d["bitsandbytes"] * 1e3, "reference_name": "bitsandbytes dequantize_4bit (C++)",
-         "unit": "ms", "ratio": d["loracore"] / d["bitsandbytes"], "target": "<= 3.0"},
+         "unit": "ms", "ratio": d["loracore"] / d["bitsandbytes"], "target": "<= 1.5"},
         {"what": f"NF4 dequantize, readable path (lessons) ({shape})",
          "loracore": d["loracore readable"] * 1e3, "reference": d["bitsandbytes"] * 1e3,
          "reference_name": "bitsandbytes dequantize_4bit (C++)", "unit": "ms",

@@ -68,6 +68,7 @@ class _Layout:
     bits: int                       # 32, or 8 (then absmax segments too)
     segments: dict[str, Segment]
     pages: list[int]
+    one_page_each: bool = False     # every segment lies inside one page: never cut in windows
 
     @property
     def blocks(self) -> int:
@@ -188,6 +189,7 @@ class PagedAdamW(torch.optim.Optimizer):
         for name in names:  # one parameter's states side by side: its pages are neighbours
             lay.segments[name] = self._pool.allocate(lay.byte_range(name, 0, numel)[1])
         lay.pages = sorted({pg for s in lay.segments.values() for pg in self._pool.pages(s)})
+        lay.one_page_each = all(len(self._pool.pages(s)) == 1 for s in lay.segments.values())
         return lay
 
     # ---- the update ------------------------------------------------------------------------
@@ -199,6 +201,8 @@ class PagedAdamW(torch.optim.Optimizer):
     def _windows(self, lay: _Layout, resident: bool) -> list[tuple[int, int]]:
         """Element ranges of one parameter to update in one go: cut where any state's pages
         stop being consecutive in fast memory (all resident) or at every page (not)."""
+        if lay.one_page_each:  # no page break inside any state: nothing to cut, whatever the
+            return [(0, lay.numel)]  # slots (most LoRA tensors; the plan is rebuilt per move)
         cuts = {0, lay.numel}
         for name, seg in lay.segments.items():
             breaks = self._pool.slot_breaks(seg) if resident else self._pool.page_breaks(seg)

@@ -184,12 +184,13 @@ class PagePool:
         """Make ``pages`` resident (most recently used), evicting others but never ``keep``."""
         if self.closed:
             raise RuntimeError("PagePool: the pool is closed")
-        needed = set(pages) | set(keep)
+        needed = None  # built at the first eviction only: most calls find their pages resident
         for page in pages:
             if page in self._slot_of:
                 self._slot_of.move_to_end(page)
                 continue
             if self.capacity is not None and len(self._slot_of) >= self.capacity:
+                needed = set(pages) | set(keep) if needed is None else needed
                 slot = self._evict_one(needed)
             else:
                 if not self._free:  # lay out every slot we may use at once: consecutive pages

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import loracore.nf4 as nf4
 from loracore.nf4 import (
     DQ_BLOCKSIZE, NF4Tensor, dequantize_blockwise_8bit, dequantize_nf4, dequantize_nf4_reference,
     dynamic_code, fp4_code, int4_code, nearest_code_index, nf4_code, pack_nibbles,
@@ -338,6 +339,68 @@ def test_nf4tensor_fields():
     assert q.absmax2.shape == (1,) and q.offset.shape == ()
     q = quantize_nf4(torch.randn(10, 100), blocksize=128, double_quant=False)
     assert not q.double_quant and q.absmax.dtype == torch.float32 and q.offset is None
+
+
+# ---- NF4: the fast path's table and pieces -------------------------------------------------
+def test_byte_table_decodes_every_byte_high_nibble_first():
+    """All 256 bytes through the fast path: each gives code[high], code[low], bit for bit."""
+    b = torch.arange(256)
+    q = NF4Tensor(b.to(torch.uint8), torch.ones(8), torch.Size((512,)), torch.float32, 64)
+    want = nf4_code()[torch.stack([b >> 4, b & 0x0F], dim=1)].reshape(-1)
+    assert torch.equal(dequantize_nf4(q), want)
+    assert torch.equal(dequantize_nf4_reference(q), want)
+    # The table's 8-byte containers are only copied; none is a NaN whose bits a copy could touch.
+    assert torch.isfinite(nf4._byte_table(torch.device("cpu"))).all()
+
+
+def test_scale_blocks_docstring_example():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    out = nf4._scale_blocks_(values, torch.tensor([10.0, 100.0]), 2)
+    assert out is values and values.tolist() == [10.0, 20.0, 300.0, 400.0, 500.0]
+
+
+@pytest.mark.parametrize("blocks", [1, 255, 256, 257, 549])
+def test_fast_absmax_decode_is_the_8bit_dequantize_plus_offset(blocks):
+    g = torch.Generator().manual_seed(blocks)
+    q = quantize_nf4(torch.randn(blocks * 64 - 3, generator=g) * 0.02, 64, double_quant=True)
+    want = dequantize_blockwise_8bit(q.absmax, q.absmax2, DQ_BLOCKSIZE) + q.offset
+    assert torch.equal(nf4._absmax_float_fast(q), want)
+
+
+#: Every block size check_blocksize accepts up to 8192; bitsandbytes takes 32 ... 4096.
+ALL_BLOCKSIZES = [2 ** k for k in range(1, 14)]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", ALL_BLOCKSIZES)
+def test_dequantize_in_small_pieces_is_bit_exact(monkeypatch, blocksize, double_quant):
+    """Pieces of 128 values (smaller than most blocks, then a piece is one block): odd sizes,
+    short last blocks and pieces, against bitsandbytes where it takes the block size and
+    against the readable path always, for float32, bfloat16 and float16 outputs."""
+    monkeypatch.setattr(nf4, "CPU_CHUNK", 128)
+    g = torch.Generator().manual_seed(blocksize + 7 * double_quant)
+    for n in (1, 7, 128, 129, 1001, 3 * blocksize + 5, 20000 + 2 * blocksize + 1):
+        w = torch.randn(n, generator=g) * 0.02
+        if 32 <= blocksize <= 4096:
+            assert_same_as_bnb(w, blocksize, double_quant)
+        q = quantize_nf4(w, blocksize, double_quant)
+        full = dequantize_nf4(q, torch.float32)
+        assert torch.equal(full, dequantize_nf4_reference(q, torch.float32)), (n, blocksize)
+        for dtype in (torch.bfloat16, torch.float16):
+            ours = dequantize_nf4(q, dtype)
+            assert ours.dtype == dtype and ours.shape == w.shape
+            assert torch.equal(ours, dequantize_nf4_reference(q, dtype)), (n, blocksize, dtype)
+            assert torch.equal(ours, full.to(dtype)), (n, blocksize, dtype)
+
+
+@pytest.mark.parametrize("chunk", [2, 64, 4096, 1 << 22])
+def test_piece_size_never_changes_a_bit(monkeypatch, chunk):
+    g = torch.Generator().manual_seed(3)
+    q = quantize_nf4(torch.randn(97, 331, generator=g) * 0.02, 64, double_quant=True)
+    want = dequantize_nf4_reference(q)
+    monkeypatch.setattr(nf4, "CPU_CHUNK", chunk)
+    assert torch.equal(dequantize_nf4(q), want)
+    assert torch.equal(dequantize_nf4(q, torch.bfloat16), dequantize_nf4_reference(q, torch.bfloat16))
 
 
 # ---- NF4: huge and non-finite values ------------------------------------------------------

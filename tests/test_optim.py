@@ -79,6 +79,22 @@ def test_equals_torch_adamw_with_evictions_every_step(tmp_path):
     assert max_diff(ref, ours) < 1e-6
 
 
+def test_states_inside_one_page_and_across_pages_both_equal_torch_adamw():
+    """Small tensors whose states each sit inside one page take the uncut window; larger ones
+    straddle pages and are cut where their slots stop being consecutive. Both, with pages
+    moving every step, give torch's AdamW."""
+    shapes = [(7,), (20, 3), (300,), (5,), (33, 17), (1,), (64,)]
+    ref = params(shapes)
+    run(ref, torch.optim.AdamW(ref, **HYPER), 30)
+    ours = params(shapes)
+    with PagedAdamW(ours, **HYPER, page_bytes=1024, resident_bytes=4 * 1024) as opt:
+        kinds = {opt._layout[p].one_page_each for p in ours}
+        run(ours, opt, 30)
+        assert opt.paging_stats()["page_outs"] > 0
+    assert kinds == {True, False}  # both paths were taken
+    assert max_diff(ref, ours) < 1e-6
+
+
 def test_peak_resident_never_exceeds_budget_plus_one_page():
     # A parameter whose state alone is larger than the budget is updated page by page.
     shapes = [(9000,), (300,), (40, 40), (5000,)]
