@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,24 +153,87 @@ def gguf_lora_tensors(adapter: AdapterFile, base: BaseInfo) -> dict[str, torch.T
 
 
 # ---- the base: from its GGUF file, a config, or the adapter's own record -----------------------
+# GGUF's value types with a fixed size, as struct formats (gguf.GGUFValueType's numbers).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
+    """The scalar and string metadata of a GGUF file, and its tensors' shapes, from its header.
+
+    ``gguf.GGUFReader`` makes a numpy view of every element of every array, and a base model's
+    vocabulary (49k to 151k token strings, as many merges) costs it seconds; what the export
+    checks (architecture, head counts, shapes) is a few scalars. Arrays are stepped over, and
+    are not in the returned fields. Shapes are in GGUF's order (innermost dimension first).
+    Raises ValueError on a file that is not GGUF or ends inside its header.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} does not start with GGUF's magic")
+        # A big-endian file's version, read little-endian, has its low 16 bits zero (as gguf's reader checks).
+        e = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
+        n_tensors, n_fields = struct.unpack_from(e + "QQ", buf, 8)
+        pos = 24
+
+        def take(fmt: str):  # noqa: ANN202 - one value of struct format fmt
+            nonlocal pos
+            value = struct.unpack_from(e + fmt, buf, pos)[0]
+            pos += struct.calcsize(e + fmt)
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("Q")
+            if pos + n > len(buf):
+                raise ValueError(f"{path} ends inside its header")
+            pos += n
+            return bytes(buf[pos - n:pos]).decode("utf-8")
+
+        def value(kind: int):  # noqa: ANN202 - a scalar, a string, or None for an array (skipped)
+            nonlocal pos
+            if kind in _SCALARS:
+                return take(_SCALARS[kind])
+            if kind == _STRING:
+                return string()
+            if kind != _ARRAY:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+            item, count = take("I"), take("Q")
+            if item in _SCALARS:  # fixed-size elements: one step over all of them
+                pos += count * struct.calcsize(e + _SCALARS[item])
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+
+        fields: dict[str, object] = {}
+        for _ in range(n_fields):
+            key = string()
+            v = value(take("I"))
+            if v is not None:
+                fields[key] = v
+        shapes: dict[str, tuple[int, ...]] = {}
+        for _ in range(n_tensors):
+            name = string()
+            shapes[name] = tuple(take("Q") for _ in range(take("I")))
+            pos += 4 + 8  # the tensor's type and data offset
+        if pos > len(buf):
+            raise ValueError(f"{path} ends inside its header")
+    return fields, shapes
+
+
 def _from_gguf(path: Path) -> BaseInfo:
     if not path.is_file():
         raise FileNotFoundError(f"{CALLER}: base GGUF {path} not found")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct errors, ... on a bad file
+        fields, shapes = read_gguf_header(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:  # not GGUF, cut short, empty
         raise ValueError(f"{CALLER}: {path} is not a readable GGUF file ({exc})") from None
-
-    def field(key: str):  # noqa: ANN202 - a string or an int
-        return reader.fields[key].contents() if key in reader.fields else None
-
-    arch = field("general.architecture")
-    if field("general.type") not in (None, "model") or arch is None:
+    arch = fields.get("general.architecture")
+    if fields.get("general.type") not in (None, "model") or arch is None:
         raise ValueError(f"{CALLER}: {path} is not a base model GGUF (general.type = "
-                         f"{field('general.type')!r}, architecture {arch!r})")
-    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
-    return BaseInfo(arch, field(f"{arch}.attention.head_count"),
-                    field(f"{arch}.attention.head_count_kv"), shapes, f"base GGUF {path}")
+                         f"{fields.get('general.type')!r}, architecture {arch!r})")
+    return BaseInfo(arch, fields.get(f"{arch}.attention.head_count"),
+                    fields.get(f"{arch}.attention.head_count_kv"), shapes, f"base GGUF {path}")
 
 
 def _from_config(config: object) -> BaseInfo:

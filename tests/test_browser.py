@@ -264,8 +264,13 @@ class Learner:
         """Texts of the outputs JupyterLab shows in red (errors and anything on stderr)."""
         return self.page.locator(f"{PANEL} {STDERR}").all_text_contents()
 
-    def screenshot(self, name: str) -> Path:
-        """The whole notebook in one picture: the window is made as tall as the notebook's cells."""
+    def screenshot(self, name: str, element=None) -> Path:
+        """The whole notebook in one picture: the window is made as tall as the notebook's cells.
+        Given a cell (a locator), that cell alone: a whole tall notebook costs seconds of rendering."""
+        path = ARTIFACTS / f"{name}.png"
+        if element is not None:
+            element.screenshot(path=str(path))
+            return path
         size = self.page.viewport_size
         # How much of the cells lies below the notebook's visible area (0 when all fits), from the top.
         below = f"""() => {{
@@ -282,15 +287,25 @@ class Learner:
                 break
             self.page.set_viewport_size({"width": size["width"], "height": height})
             self.page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
-        path = ARTIFACTS / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         self.page.set_viewport_size(size)
         return path
 
 
-@pytest.fixture
-def learner(lab, browser) -> Iterator[Learner]:
+@pytest.fixture(scope="module")
+def context(browser):
+    """One browser profile for the module: JupyterLab's scripts come from its HTTP cache (and their
+    compiled code from Chromium's code cache) after the first page, instead of being fetched from
+    the server and compiled again for every test. Each test still gets its own page and kernel."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def learner(lab, context) -> Iterator[Learner]:
     page = context.new_page()
     page.set_default_timeout(30_000)
     learner = Learner(lab, page)
@@ -299,7 +314,7 @@ def learner(lab, browser) -> Iterator[Learner]:
     try:
         yield learner
     finally:
-        context.close()
+        page.close()
         with contextlib.suppress(Exception):
             lab.shutdown_kernels()  # each step starts from a fresh kernel; frees the model's memory
 
@@ -367,7 +382,7 @@ def test_lesson_02_explorer_responds_to_its_rank_slider(learner):
         rank = explorer.locator(".widget-slider", has_text="rank r")
         assert rank.locator(".widget-readout").text_content().strip() == "8"
         assert before != r64, "the explorer at r = 8 already shows the r = 64 figure"
-        learner.screenshot("02_lora_layer-before")
+        learner.screenshot("02_lora_layer-before", explorer)  # the explorer's cell
         handle = rank.locator(".noUi-handle")
         handle.focus()
         for _ in range(3):  # 8 -> 16 -> 32 -> 64, one option per arrow key, as a learner would
@@ -380,7 +395,7 @@ def test_lesson_02_explorer_responds_to_its_rank_slider(learner):
         assert rank.locator(".widget-readout").text_content().strip() == "64"
         learner.wait_until_idle(60, "the explorer's callbacks")
         assert not learner.errors(), f"red output after moving the slider: {learner.errors()}"
-        learner.screenshot("02_lora_layer-after")
+        learner.screenshot("02_lora_layer-after", explorer)  # the explorer's cell
 
 
 def test_lab01_self_check_speaks_to_the_learner(learner):

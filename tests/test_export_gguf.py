@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import struct
 from pathlib import Path
 
 import gguf
@@ -32,7 +33,7 @@ from conftest import with_adapter
 from loracore.adapter_file import read_adapter
 from loracore.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from loracore.cli import main
-from loracore.gguf_export import export_gguf_adapter, rope_rows_interleaved
+from loracore.gguf_export import export_gguf_adapter, read_gguf_header, rope_rows_interleaved
 from loracore.models import load_base_model
 from loracore.surgery import inject, lora_layers
 
@@ -226,6 +227,56 @@ def test_base_gguf_gives_the_heads_and_is_checked_like_llama_cpp(tiny_llama, tmp
     with pytest.raises(ValueError, match="architecture disagrees"):
         export_gguf_adapter(folder, tmp_path / "c.gguf", base_gguf=qwen)
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_read_gguf_header_agrees_with_gguf_reader_and_refuses_a_cut_file(tiny_qwen, tmp_path):
+    """The export's own header reader (it steps over the vocabulary arrays instead of parsing
+    them) gives what gguf's reader gives, for every value type; a cut or foreign file is refused."""
+    path = tmp_path / "h.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_uint32("qwen2.attention.head_count", 14)
+    writer.add_uint64("big", 2**40 + 3)
+    writer.add_int8("i8", -5)
+    writer.add_int16("i16", -300)
+    writer.add_uint16("u16", 60000)
+    writer.add_int32("i32", -70000)
+    writer.add_int64("i64", -2**40)
+    writer.add_float32("f32", 0.25)
+    writer.add_float64("f64", 1 / 3)
+    writer.add_bool("flag", True)
+    writer.add_string("general.name", "tiny é")
+    writer.add_token_list(["a", "bé", "", "[PAD3]"])    # an array of strings
+    writer.add_token_types([1, 1, 3, 5])                # an array of int32
+    writer.add_array("nested", [[1, 2], ["x", "yz"]])   # arrays of arrays
+    writer.add_uint32("after.arrays", 7)                # read after stepping over them
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((3, 5), np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2, 6), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields, shapes = read_gguf_header(path)
+    reader = gguf.GGUFReader(path)
+    expected = {k: f.contents() for k, f in reader.fields.items()
+                if not k.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
+    assert fields == expected and fields["after.arrays"] == 7 and fields["general.name"] == "tiny é"
+    assert "tokenizer.ggml.tokens" not in fields and "nested" not in fields
+    assert shapes == {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes == {"blk.0.attn_q.weight": (5, 3), "token_embd.weight": (6, 2, 4)}
+    data = path.read_bytes()
+    header_end = data.index(b"token_embd.weight") + len("token_embd.weight") + 4 + 3 * 8 + 4 + 8
+    folder = save_adapter(with_adapter(tiny_qwen, ALL, r=4, alpha=8), tmp_path / "qwen")
+    for cut in (0, 10, data.index(b"nested") + 3, header_end - 5):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises((ValueError, struct.error)):  # struct.error: it ends inside the header
+            read_gguf_header(tmp_path / "cut.gguf")
+        with pytest.raises(ValueError, match="is not a readable GGUF file"):
+            export_gguf_adapter(folder, tmp_path / "x.gguf", base_gguf=tmp_path / "cut.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    read_gguf_header(tmp_path / "h.gguf")  # the whole header is read, not more
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ValueError, match="magic"):
+        read_gguf_header(tmp_path / "not.gguf")
 
 
 # ---- refused: what llama.cpp cannot load -------------------------------------------------------
