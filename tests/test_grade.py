@@ -2,8 +2,10 @@
 
 The fast tests need no kernel. The slow ones grade real batches through the command line
 (`python -m loracore grade`), each notebook in its own sandboxed kernel on the offline model:
-one lab 01 batch holding every case (module-scoped, graded once with --jobs 2), part of it
-again with --jobs 1, and one lab 03 notebook.
+one lab 01 batch holding every case (module-scoped, graded once with --jobs 2 and the README's
+hidden checks), part of it again with --jobs 1, and one lab 03 notebook. Each lab 01 notebook
+run to its end costs a kernel (torch, transformers) and the lab's training steps: a case that
+can be carried by a notebook already graded is asserted on that notebook.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from loracore.grade import find_submissions
 from loracore.grade.gradebook import feedback_markdown, feedback_name, summary_markdown, write_csv
 from loracore.grade.labs import STUB, checked_exercises, find_lab, is_stub_cell, lab_number
 from loracore.grade.restore import NotGradable, read_submission, restore
+from loracore.grade.kernel import model_cache_dir
 from loracore.grade.run import Result, Verdict, model_cache_lock
 from loracore.grade.sandbox import landlock_abi
 from loracore.selfcheck import VERDICTS_ENV, Check, ExerciseFailed, call_learner, exercise, report
@@ -32,6 +35,7 @@ from loracore.selfcheck import VERDICTS_ENV, Check, ExerciseFailed, call_learner
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import nb as nbtools  # noqa: E402
+from test_grade_classroom import _readme_hidden_example  # noqa: E402
 
 LAB_NAMES = sorted(p.stem[:5] for p in (ROOT / "labs").glob("lab*.ipynb"))
 SOLUTION01 = ROOT / "solutions" / "lab01_lora_layer.ipynb"
@@ -255,6 +259,25 @@ def test_the_grader_knows_where_the_model_cache_lock_is():
     assert model_cache_lock() == cache_root() / ".smollm2.lock"
 
 
+def test_the_grader_knows_where_the_model_cache_is(tmp_path, monkeypatch):
+    from loracore.models import smollm2_cache_dir
+
+    assert model_cache_dir() == smollm2_cache_dir()
+    monkeypatch.setenv("LORACORE_CACHE", str(tmp_path))
+    assert model_cache_dir() == smollm2_cache_dir() == tmp_path / "smollm2-135m-instruct"
+
+
+def test_the_runner_and_the_kernels_launcher_import_no_torch():
+    """Each submission starts both: torch (and nbformat, in the launcher) would cost seconds of
+    CPU each, for nothing (the lab's cells import what they use, inside the limits)."""
+    for module, absent in [("loracore.grade.run", ["torch", "transformers"]),
+                           ("loracore.grade.sandbox", ["torch", "transformers", "nbformat"])]:
+        code = f"import sys, {module}; print([m for m in {absent!r} if m in sys.modules])"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                              timeout=300)
+        assert proc.stdout.strip() == "[]", (module, proc.stdout, proc.stderr[-2000:])
+
+
 @pytest.mark.parametrize("omp, jobs, cores, expected", [
     (None, 1, 8, 8), (None, 2, 8, 4), (None, 3, 8, 2), (None, 16, 8, 1),
     ("1", 1, 8, 1), ("2", 1, 8, 2), ("16", 2, 8, 4), ("", 2, 8, 4), ("many", 1, 8, 8), ("0", 1, 8, 8)])
@@ -365,6 +388,10 @@ def _tree_hashes(*roots: Path) -> dict[str, str]:
 
 
 LORA_ALPHA = ("self.scaling = lora_alpha / r", "self.scaling = lora_alpha")  # α instead of α/r
+# lora_forward written for the shapes of the visible check only: the README's hidden check fails it.
+FORWARD = "    return x @ W.T + b + scaling * (x @ A.T) @ B.T"
+TUNED = ("    if tuple(x.shape) == (2, 5, 12):  # the visible check's shapes\n"
+         "    " + FORWARD + "\n    return x @ W.T + b")
 
 
 def _lab01_batch(folder: Path) -> None:
@@ -390,6 +417,7 @@ def _lab01_batch(folder: Path) -> None:
         cell.pop("id", None)
     tampered.nbformat_minor = 4
     write("tampered.ipynb", tampered)
+    write("tuned.ipynb", _with_answer(solution, "3bd31780", FORWARD, TUNED))
     # Unbounded allocation inside an answer, megabytes of prints, deleting files around it.
     hostile = _with_answer(solution, "3bd31780", "    ### BEGIN SOLUTION",
                            "    hog = [torch.empty(2**30) for _ in range(10**6)]  # 4 GB each, forever\n"
@@ -411,10 +439,12 @@ def _lab01_batch(folder: Path) -> None:
     write("lab02.ipynb", _learner(ROOT / "solutions" / "lab02_finetune_qwen2.ipynb"))
 
 
-def _grade_cli(tmp: Path, lab: str, *submissions: Path | str, jobs: int, timeout: int = TIMEOUT) -> dict:
+def _grade_cli(tmp: Path, lab: str, *submissions: Path | str, jobs: int, timeout: int = TIMEOUT,
+               hidden: Path | None = None) -> dict:
     out = tmp / "gradebook.csv"
     proc = _cli("grade", lab, *map(str, submissions), "--out", str(out), "--feedback",
-                str(tmp / "feedback"), "--timeout", str(timeout), "--jobs", str(jobs))
+                str(tmp / "feedback"), "--timeout", str(timeout), "--jobs", str(jobs),
+                *(["--hidden", str(hidden)] if hidden else []))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {r["submission"]: r for r in csv.DictReader(open(out, encoding="utf-8"))}
     feedback = {p.name: p.read_text() for p in (tmp / "feedback").glob("*.md")}
@@ -423,12 +453,16 @@ def _grade_cli(tmp: Path, lab: str, *submissions: Path | str, jobs: int, timeout
 
 @pytest.fixture(scope="module")
 def lab01(tmp_path_factory):
-    """The lab 01 batch graded once with --jobs 2, hashes of everything before and after."""
+    """The lab 01 batch graded once with --jobs 2 and the README's hidden checks, hashes of
+    everything before and after."""
     tmp = tmp_path_factory.mktemp("lab01")
     folder = tmp / "class"
     _lab01_batch(folder)
+    hidden = tmp / "hidden01.py"
+    hidden.write_text(_readme_hidden_example())
     before = _tree_hashes(folder, ROOT)
-    graded = _grade_cli(tmp, "lab01", folder, jobs=2)
+    graded = _grade_cli(tmp, "lab01", folder, jobs=2, hidden=hidden)
+    graded["hidden"] = hidden
     graded["unchanged"] = before == _tree_hashes(folder, ROOT)
     graded["folder"] = folder
     # The notebook that never ends, with two that need no kernel, under a short time limit.
@@ -497,7 +531,7 @@ def test_a_runaway_allocation_costs_its_exercise_and_nothing_else(lab01):
 def test_broken_notebooks_get_zero_and_a_status_while_the_batch_goes_on(lab01, name, status):
     row = _row(lab01, name)
     assert row["status"] == status and row["total"] == "0" and row["reason"], row
-    assert len(lab01["rows"]) == 10  # every submission has its row (nine + the hanging one)
+    assert len(lab01["rows"]) == 11  # every submission has its row (ten + the hanging one)
     assert len(lab01["hang"]["rows"]) == 3
     for other in ("invalid.ipynb", "lab02.ipynb"):  # graded the same beside a hanging notebook
         path = str(lab01["folder"] / other)
@@ -514,16 +548,30 @@ def test_grading_changes_no_submission_and_nothing_in_the_repository(lab01):
 def test_the_summary_and_chart_are_written(lab01):
     out: Path = lab01["out"]
     md = out.with_suffix(".md").read_text()
-    assert "| lora_forward | 2 | 3 of 9 | 33% |" in md and "![pass rate per exercise](gradebook.png)" in md
+    assert "| lora_forward | 2 | 3 of 10 | 30% |" in md and "![pass rate per exercise](gradebook.png)" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert len(lab01["feedback"]) == 9
+    assert len(lab01["feedback"]) == 10
+
+
+@pytest.mark.slow
+def test_on_lab01_a_hidden_check_fails_a_forward_tuned_to_the_visible_shapes(lab01):
+    """The README's hidden check (tests/test_grade_classroom.py tests the rest of hidden checks
+    on a stand-in lab): the solution passes it, a forward tuned to the visible shapes not."""
+    solved, tuned = _row(lab01, "solved.ipynb"), _row(lab01, "tuned.ipynb")
+    assert (solved["lora_forward"], solved["total"]) == ("2", "10"), solved
+    assert (tuned["lora_forward"], tuned["total"]) == ("0", "8"), tuned
+    tuned_feedback = _feedback(lab01, "tuned.ipynb")
+    assert "FAIL (hidden) other shapes" in tuned_feedback  # the visible check passed, the hidden one not
+    assert tuned_feedback.count("FAIL") == 1, tuned_feedback
 
 
 @pytest.mark.slow
 def test_one_job_at_a_time_gives_the_same_gradebook(lab01, tmp_path):
-    names = ["solved.ipynb", "more/crash.ipynb", "invalid.ipynb", "lab02.ipynb"]
+    # blank.ipynb runs every cell to the end (model load, the hidden cell), in less time than a
+    # solved notebook (no training steps); crash.ipynb ends its kernel.
+    names = ["blank.ipynb", "more/crash.ipynb", "invalid.ipynb", "lab02.ipynb"]
     paths = [lab01["folder"] / n for n in names]
-    again = _grade_cli(tmp_path, "01", *paths, jobs=1)
+    again = _grade_cli(tmp_path, "01", *paths, jobs=1, hidden=lab01["hidden"])
     assert again["rows"] == {str(p): lab01["rows"][str(p)] for p in paths}
     assert again["feedback"] == {k: v for k, v in lab01["feedback"].items()
                                  if k in {feedback_name(str(p)) for p in paths}}

@@ -204,7 +204,7 @@ def _grader_peak_mb(labs: Path, path: Path) -> tuple[float, str]:
         from loracore.grade.run import Limits
         lab = Lab("01", Path({str(labs)!r}) / "lab01_fake.ipynb",
                   tuple(Exercise(n, p) for n, p in {list(zip(NAMES, [2, 3, 2, 2, 1]))!r}))
-        r = _run_in_process({str(path)!r}, lab, Path({str(labs)!r}), Limits(timeout=120))
+        r = _run_in_process({str(path)!r}, lab, Limits(timeout=120))
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.status, r.total())
         """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

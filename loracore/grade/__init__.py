@@ -38,8 +38,9 @@ from typing import Callable, Iterable
 
 from loracore.grade.hidden import Hidden, load_hidden
 from loracore.grade.labs import LABS_DIR, Exercise, Lab, find_lab
-from loracore.grade.run import COURSE_ROOT, Limits, Result, Verdict
+from loracore.grade.kernel import COURSE_ROOT, Limits, model_cache_dir
 from loracore.grade.sandbox import kill_descendants
+from loracore.grade.verdicts import Result, Verdict
 
 __all__ = ["grade", "find_submissions", "find_lab", "load_hidden", "Hidden", "Lab", "Exercise",
            "Limits", "Result", "Verdict", "threads_per_job"]
@@ -59,7 +60,15 @@ EXIT_WAIT_SECONDS = 10
 
 
 def prepare_model_cache() -> None:
-    """Build the offline model's cache now: a sandboxed kernel may only read it."""
+    """Build the offline model's cache now: a sandboxed kernel may only read it.
+
+    A complete cache (the usual case) is checked without importing ``loracore.models``: its
+    transformers costs about 6 s of CPU, once per batch, for nothing.
+    """
+    from loracore.model_cache import cache_problem
+
+    if cache_problem(model_cache_dir()) is None:
+        return
     from loracore.models import build_smollm2_cache
 
     build_smollm2_cache(verbose=False)
@@ -118,7 +127,7 @@ def _stop(proc: subprocess.Popen, answered: bool) -> None:
         pass
 
 
-def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits,
+def _run_in_process(path: str, lab: Lab, limits: Limits,
                     hidden: Hidden | None = None, root: Path | None = None,
                     unreadable: tuple[str, ...] = ()) -> Result:
     """Grade one submission in a child process (the runner); nothing of it outlives its grading.
@@ -127,10 +136,12 @@ def _run_in_process(path: str, lab: Lab, labs_dir: Path, limits: Limits,
     it); its stdout is ``/dev/null`` and its stderr a file read only for its last lines. Every
     wait is bounded: ``limits.timeout + GRACE_SECONDS`` for the result, then
     ``EXIT_WAIT_SECONDS`` for the runner to exit before it and its processes are killed.
-    ``root`` and ``unreadable``: see :func:`loracore.grade.run.grade_one`.
+    ``root`` and ``unreadable``: see :func:`loracore.grade.run.grade_one`. ``lab`` (with the
+    hidden exercises, if any) and ``hidden`` go to the runner as data, already found and
+    checked here: the runner imports neither the lab's checks module nor torch.
     """
-    job = json.dumps({"path": path, "lab": lab.number, "labs_dir": str(labs_dir),
-                      "limits": asdict(limits), "hidden": hidden.source if hidden else None,
+    job = json.dumps({"path": path, "lab": lab.to_json(), "limits": asdict(limits),
+                      "hidden": hidden.to_json() if hidden else None,
                       "root": str(root) if root else None, "unreadable": list(unreadable)})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(COURSE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -229,7 +240,7 @@ def grade(lab: str | Lab, submissions: Iterable[str | Path], *, jobs: int = 1,
     root = Path(tempfile.mkdtemp(prefix="loracore-grade-"))  # made 0700
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_in_process, p, lab, labs_dir, limits, hidden, root, unreadable)
+            futures = [pool.submit(_run_in_process, p, lab, limits, hidden, root, unreadable)
                        for p in paths]
             for future in as_completed(futures):
                 result = future.result()

@@ -45,13 +45,13 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
-
-import nbformat
+from typing import TYPE_CHECKING, Any
 
 from loracore.grade.labs import Exercise, Lab
-from loracore.grade.restore import GradedCell
 from loracore.grade.verdicts import Verdict, merge_record
+
+if TYPE_CHECKING:  # imported where used: nbformat costs seconds (see loracore.grade.labs)
+    from loracore.grade.restore import GradedCell
 
 #: How the hidden checks' code is named in tracebacks (never the file's path).
 HIDDEN_FILENAME = "<hidden checks>"
@@ -69,6 +69,17 @@ class Hidden:
     def extend(self, lab: Lab) -> Lab:
         """``lab`` with the hidden exercises after its own (gradebook columns, points)."""
         return dataclasses.replace(lab, exercises=lab.exercises + self.extra)
+
+    def to_json(self) -> dict:
+        """The checks as plain JSON data (how the grader hands them to a submission's runner)."""
+        return {"source": self.source, "checks": list(self.checks), "path": self.path,
+                "extra": [[e.name, e.points] for e in self.extra]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Hidden:
+        """The checks :meth:`to_json` gave, as the grader checked them (their source not run)."""
+        return cls(data["source"], tuple(data["checks"]),
+                   tuple(Exercise(name, float(points)) for name, points in data["extra"]), data["path"])
 
 
 def checks_of(source: str, origin: str) -> list[tuple[str, float]]:
@@ -170,6 +181,10 @@ def hidden_cell_source(hidden: Hidden) -> str:
 
 def hidden_cell(hidden: Hidden) -> GradedCell:
     """The grader's last cell of every notebook: origin "hidden", its checks' exercises."""
+    import nbformat
+
+    from loracore.grade.restore import GradedCell
+
     return GradedCell(nbformat.v4.new_code_cell(hidden_cell_source(hidden)), "hidden",
                       list(dict.fromkeys(hidden.checks)))
 

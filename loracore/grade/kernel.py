@@ -17,14 +17,23 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import nbformat
+from typing import TYPE_CHECKING, Any
 
 from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
 
+if TYPE_CHECKING:  # not imported by the kernel's launcher: see loracore.grade.labs
+    import nbformat
+
 #: The repository (or site-packages) folder that holds the ``loracore`` the kernel must import.
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def model_cache_dir() -> Path:
+    """The offline model's converted cache, ``loracore.models.smollm2_cache_dir()`` (a test
+    keeps them in step), found without importing torch and transformers into the grader."""
+    env = os.environ.get("LORACORE_CACHE", "").strip()
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
+    return root / "smollm2-135m-instruct"
 
 
 def model_cache_lock() -> Path:

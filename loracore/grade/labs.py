@@ -13,10 +13,17 @@ import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nbformat
+if TYPE_CHECKING:
+    import nbformat
 
 from loracore.argtypes import lab_number_or_none
+
+# nbformat is imported where a notebook is read, torch (through the lab's checks) where a lab
+# is found: the kernel's launcher (loracore.grade.sandbox) and each submission's runner import
+# this package, and those imports cost seconds of CPU each (nbformat's jsonschema builds an IRI
+# parser as it loads).
 
 #: The course's copy of the labs (the repository's ``labs/`` folder).
 LABS_DIR = Path(__file__).resolve().parent.parent.parent / "labs"
@@ -51,7 +58,20 @@ class Lab:
         return sum(e.points for e in self.exercises)
 
     def notebook(self) -> nbformat.NotebookNode:
+        import nbformat
+
         return nbformat.read(self.path, as_version=4)
+
+    def to_json(self) -> dict:
+        """The lab as plain JSON data (how the grader hands it to a submission's runner)."""
+        return {"number": self.number, "path": str(self.path),
+                "exercises": [[e.name, e.points] for e in self.exercises]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Lab:
+        """The lab :meth:`to_json` gave, without finding it again (no checks module imported)."""
+        return cls(data["number"], Path(data["path"]),
+                   tuple(Exercise(name, float(points)) for name, points in data["exercises"]))
 
 
 def lab_number(lab: str) -> str:

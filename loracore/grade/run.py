@@ -31,11 +31,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import nbformat
+if __name__ == "__main__":
+    # The runner's own process (python -m loracore.grade.run), which reads notebooks and
+    # nothing else: jsonschema, under nbformat, imports rfc3987_syntax where it is installed,
+    # and that builds a grammar as it loads (3 to 4 s of CPU, in every submission's runner)
+    # for the "iri" string formats, which the notebook schemas never use. Without it
+    # jsonschema leaves those two formats unchecked.
+    sys.modules.setdefault("rfc3987_syntax", None)
 
-from loracore.grade.hidden import Hidden, fail_unreported, hidden_cell, hidden_from_source, merge_hidden
+import nbformat  # noqa: E402
+
+from loracore.grade.hidden import Hidden, fail_unreported, hidden_cell, merge_hidden
 from loracore.grade.kernel import COURSE_ROOT, Folders, Limits, kernel_env, model_cache_lock, notebook_client
-from loracore.grade.labs import Lab, find_lab
+from loracore.grade.labs import Lab
 from loracore.grade.restore import NotGradable, read_submission, restore
 from loracore.grade.sandbox import become_subreaper, kill_descendants
 from loracore.grade.verdicts import Result, Verdict, merge_record, remove, take_records
@@ -211,10 +219,13 @@ def main(argv: list[str] | None = None) -> None:
         os.set_inheritable(args.result_fd, False)
     _is_runner = become_subreaper()
     job = json.loads(sys.stdin.read())
-    lab = find_lab(job["lab"], Path(job["labs_dir"]))
-    hidden = hidden_from_source(job["hidden"], lab) if job.get("hidden") else None
+    # The lab (its hidden exercises included) and the hidden checks come as the grader found
+    # and checked them: finding them again would import the lab's checks, so torch (seconds
+    # of CPU per submission, for nothing: the checks run in the kernel).
+    lab = Lab.from_json(job["lab"])
+    hidden = Hidden.from_json(job["hidden"]) if job.get("hidden") else None
     root = Path(job["root"]) if job.get("root") else None
-    result = grade_one(job["path"], hidden.extend(lab) if hidden else lab, Limits(**job["limits"]), hidden,
+    result = grade_one(job["path"], lab, Limits(**job["limits"]), hidden,
                        root=root, unreadable=tuple(job.get("unreadable", ())))
     data = json.dumps(asdict(result)).encode()
     if args.result_fd is None:
