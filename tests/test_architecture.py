@@ -121,11 +121,12 @@ def test_the_readme_library_table_names_every_module():
 
 def test_the_command_line_and_the_grader_start_without_torch():
     """torch, transformers and datasets cost about 5 s of CPU per process: `loracore --help`, a
-    refused argument and the grader (whose kernels import them on their own) never load them."""
+    refused argument, the grader (whose kernels import them on their own) and the labs' check
+    pattern (`selfcheck`, which imports torch only to compare tensors) never load them."""
     code = ("import sys\n"
             "from loracore.cli import build_parser\n"
             "build_parser().parse_args(['grade', 'lab01', 'class'])\n"
-            "import loracore.grade, loracore.grade.exports, loracore.grade.gradebook\n"
+            "import loracore.grade, loracore.grade.exports, loracore.grade.gradebook, loracore.selfcheck\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets'})\n"
             "print(heavy)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
