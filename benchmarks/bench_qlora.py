@@ -9,7 +9,7 @@ one step = forward + loss + backward + optimizer step on a batch of 8 x 64 token
   quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True), device_map="cpu")`` and ``peft.get_peft_model``.
 
-Target: ratio <= 1.3. The base-weight memory of the two quantized models is reported too.
+Target: ratio <= 0.9 (issue 27; it was <= 1.3). The base-weight memory of the two quantized models is reported too.
 
     python benchmarks/bench_qlora.py [--quick]
 """
@@ -110,7 +110,7 @@ def main() -> None:
         {"what": f"QLoRA training step, SmolLM2-135M, r=16 on 7 projections, batch {batch}x{seq}",
          "loracore": t["loracore"], "reference": t["peft"],
          "reference_name": "PEFT + bitsandbytes Linear4bit", "unit": "s",
-         "ratio": t["loracore"] / t["peft"], "target": "<= 1.3"},
+         "ratio": t["loracore"] / t["peft"], "target": "<= 0.9"},
         {"what": "quantized base model memory (params + buffers, NF4 + DQ, embeddings float32)",
          "loracore": mem_ours / 2**20, "reference": mem_theirs / 2**20,
          "reference_name": "PEFT + bitsandbytes model", "unit": "MiB",
