@@ -33,8 +33,9 @@ QWEN2_ENV  := env -u LORACORE_BASE_MODEL -u HF_HUB_CACHE HF_HOME=$(STANDIN_HF) L
 # subprocesses, the grader's timeouts) are filled by the others' work (measured on lessons 00-05 and
 # lab 01's solution: 161 s with two workers, 143 s with three, 92% and 97% of the cores busy), and one
 # thread each keeps PyTorch's threads from waiting on each other (README, "A busy CPU?").
-# --dist loadfile: a notebook's cells stay together, in order.
-PARALLEL   ?= -n 3 --dist loadfile
+# --dist loadfile: a notebook's cells stay together, in order; the longest files first (conftest.py,
+# from tools/test_durations.json) instead of pytest-xdist's order by number of tests.
+PARALLEL   ?= -n 3 --dist loadfile --no-loadscope-reorder
 PYTEST     := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider $(PARALLEL)
 
 .PHONY: help venv lab lab-cmd test unit notebooks standin labs figures clean-nb check-nb execute bench clean
@@ -70,8 +71,7 @@ lab-cmd:
 	@echo '$(LAB_CMD)'
 
 # Every notebook twice: on the offline SmolLM2 path (with the unit tests), then on the qwen2-0.5b
-# path; a notebook that works only on one model fails here. The notebooks come first: they are the
-# longest files, and a worker that starts a long one last keeps the other waiting at the end.
+# path; a notebook that works only on one model fails here.
 test: venv standin
 	$(TEST_ENV) $(PYTEST) $(NBVAL) $(NB_DIRS) tests
 	$(QWEN2_ENV) $(PYTEST) $(NBVAL) $(NB_DIRS)
