@@ -150,14 +150,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     big = int(5e6 if args.quick else args.big_params)
     repeats = 2 if args.quick else 7
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]  # another job on the cores shows here
     rows = measure("LoRA r=16, SmolLM2-135M", lora_shapes(), repeats, page_bytes=1 << 20)
     big_shapes = [(1000, 1000)] * (big // 1_000_000)
     rows += measure(f"{len(big_shapes)}M parameters", big_shapes, max(2, repeats - 2),
                     page_bytes=1 << 20)
     notes = (f"{'quick smoke run; ' if args.quick else ''}{torch.get_num_threads()} torch "
-             f"thread(s); 1 MiB pages; fixed gradients; medians of interleaved repeats; the CPU "
-             f"was shared with other jobs (noisy); total {time.perf_counter() - start:.0f} s")
+             f"thread(s); 1 MiB pages; fixed gradients; medians of interleaved repeats; load average "
+             f"{load:.1f} at the start (2 or more: the CPU was shared, timings noisy); total {time.perf_counter() - start:.0f} s")
     if args.quick:  # a smoke run checks the script; it does not replace real results
         for r in rows:
             print(f"{r['what']}: loracore {r['loracore']:.4g} {r['unit']}, "
