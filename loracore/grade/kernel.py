@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracore.env import SHORT_MODE  # the short mode, offline, as `make test` runs the labs
+from loracore.model_cache import cache_root
 
 if TYPE_CHECKING:  # not imported by the kernel's launcher: see loracore.grade.labs
     import nbformat
@@ -31,20 +32,17 @@ COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 def model_cache_dir() -> Path:
     """The offline model's converted cache, ``loracore.models.smollm2_cache_dir()`` (a test
     keeps them in step), found without importing torch and transformers into the grader."""
-    env = os.environ.get("LORACORE_CACHE", "").strip()
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
-    return root / "smollm2-135m-instruct"
+    return cache_root() / "smollm2-135m-instruct"
 
 
 def model_cache_lock() -> Path:
     """The lock file every load of the offline model opens for writing.
 
     The same path as ``loracore.models.cache_root() / ".smollm2.lock"`` (a test keeps them in
-    step), without importing torch into every grading process.
+    step), without importing torch into every grading process
+    (:mod:`loracore.model_cache` imports neither).
     """
-    env = os.environ.get("LORACORE_CACHE", "").strip()
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loracore"
-    return root / ".smollm2.lock"
+    return cache_root() / ".smollm2.lock"
 
 
 @dataclass
