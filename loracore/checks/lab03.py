@@ -3,6 +3,11 @@
 The learner writes the NF4 code book, blockwise quantization, nibble packing,
 dequantization and double quantization; every check runs the learner's function on seeded
 inputs and compares it with ``bitsandbytes.functional`` (CPU) on the same tensor.
+
+Then the learner decides: a block size and whether to double-quantize, for a memory budget
+(:data:`BUDGET_BITS`) within an error bound (:data:`ERROR_BOUND`) on a real weight. The check
+quantizes that weight again with loracore's NF4 (:func:`nf4_cost`) and scores the choice from
+what it measures; the reflection questions are scored from the learner's own choice.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from loracore.nf4 import nf4_code
+from loracore.nf4 import check_blocksize, dequantize_nf4, nf4_code, quantize_nf4
 from loracore.selfcheck import Check, Hints, call_learner, exercise, report
 
 
@@ -233,6 +238,134 @@ def check_full_pipeline(packed: torch.Tensor, q8: torch.Tensor, weight: torch.Te
                         "quantize_blocks (exercise 5's function, unchanged)."),
     ])
 
+
+
+# --------------------------------------------------------------------------- the decision
+
+#: The lab's target for section 6's weight: at most this many bits per parameter, everything
+#: stored counted (4-bit codes, block constants, second-level scales, offset) ...
+BUDGET_BITS = 4.1
+#: ... and a relative reconstruction error ``||dequantize(q) - w|| / ||w||`` at most this.
+ERROR_BOUND = 0.12
+#: The reflection's model: a 7-billion-parameter model's weights, all in NF4.
+PARAMS_7B = 7e9
+
+
+def nf4_cost(weight: torch.Tensor, blocksize: int, double_quant: bool) -> tuple[float, float]:
+    """``(bits per parameter, relative error)`` of ``weight`` (any shape, float) in loracore's NF4.
+
+    Bits count every stored byte (:attr:`loracore.nf4.NF4Tensor.nbytes`); the error is
+    ``||dequantize(q) - w|| / ||w||``. Example: a (576, 576) weight at blocksize 64 with double
+    quantization costs 4.127 bits per parameter (QLoRA's 4.127 plus 32 bits of offset).
+    """
+    w = weight.detach().float().cpu()
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    error = ((dequantize_nf4(q) - w).norm() / w.norm()).item()
+    return q.bits_per_param, error
+
+
+def _formula_bits(blocksize: int, double_quant: bool) -> float:
+    """Bits per parameter without the per-tensor offset: 4 + constants per weight."""
+    return 4 + (8 / blocksize + 32 / (blocksize * 256) if double_quant else 32 / blocksize)
+
+
+def _choice(blocksize: Any, double_quant: Any, title: str) -> None:
+    """Fail the exercise with a message unless ``(blocksize, double_quant)`` can be measured."""
+    problem = ""
+    if not isinstance(double_quant, bool):
+        problem = f"DOUBLE_QUANT must be True or False, got {double_quant!r}"
+    else:
+        try:
+            check_blocksize(blocksize, "BLOCKSIZE")
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        report(title, [Check("a block size and a double quantization to measure", False,
+                             "BLOCKSIZE a power of two from the table, DOUBLE_QUANT True or False",
+                             problem, hint="Pick one row of the table above.")])
+
+
+@exercise(points=2)
+def check_nf4_choice(blocksize: int, double_quant: bool, weight: torch.Tensor) -> None:
+    """Decision: ``(blocksize, double_quant)`` meets :data:`BUDGET_BITS` and :data:`ERROR_BOUND`."""
+    _choice(blocksize, double_quant, "your NF4 choice")
+    bits, error = nf4_cost(weight, blocksize, double_quant)
+    setting = f"blocksize {blocksize}, double quantization {'on' if double_quant else 'off'}"
+    print(f"  note  measured again for {setting}: {bits:.4f} bits per parameter, "
+          f"relative error {error:.2%}")
+    report("your NF4 choice", [
+        Check.true(f"memory: at most {BUDGET_BITS} bits per parameter", bits <= BUDGET_BITS,
+                   f"<= {BUDGET_BITS} bits", f"{bits:.4f} bits" + (
+                       f", {bits - BUDGET_BITS:.4f} over the budget" if bits > BUDGET_BITS else ""),
+                   hint="Which part of the storage shrinks with a larger block, and which switch "
+                        "makes the block constants cheaper? Read the bits column of your table."),
+        Check.true(f"error: at most {ERROR_BOUND:.0%} relative error", error <= ERROR_BOUND,
+                   f"<= {ERROR_BOUND:.0%}", f"{error:.2%}" + (
+                       f", {100 * (error - ERROR_BOUND):.2f} points over the bound"
+                       if error > ERROR_BOUND else ""),
+                   hint="A larger block saves constants but stretches its codes over a wider "
+                        "range: read the error column of your table for the largest block "
+                        "that still meets the bound."),
+    ])
+
+
+@exercise(points=1)
+def check_constant_bits(answer: float, blocksize: int, double_quant: bool,
+                        weight: torch.Tensor) -> None:
+    """Reflection 1: the bits per parameter the choice spends on block constants (not codes)."""
+    _choice(blocksize, double_quant, "bits of block constants")
+    want = nf4_cost(weight, blocksize, double_quant)[0] - 4
+    ok = isinstance(answer, (int, float)) and not isinstance(answer, bool) \
+        and abs(answer - want) <= 0.002
+    near = isinstance(answer, (int, float)) and abs(answer - 4 - want) <= 0.002
+    report("bits of block constants", [Check.true(
+        f"bits per parameter spent on constants at blocksize {blocksize}, double quantization "
+        f"{'on' if double_quant else 'off'} (within 0.002)", ok, f"{want:.4f}", repr(answer),
+        hint=("That includes the 4 bits of the codes: subtract them." if near else
+              "Everything but the 4-bit codes: the bits column of your table minus 4, or count "
+              "them: 8 or 32 bits per block, plus 32 per 256 blocks with double quantization."))])
+
+
+@exercise(points=1)
+def check_saved_gb(answer: float, blocksize: int, double_quant: bool) -> None:
+    """Reflection 2: GB (1e9 bytes) a 7e9-parameter model saves with the choice over QLoRA's."""
+    _choice(blocksize, double_quant, "gigabytes saved on a 7B model")
+    want = PARAMS_7B * (_formula_bits(64, True) - _formula_bits(blocksize, double_quant)) / 8 / 1e9
+    ok = isinstance(answer, (int, float)) and not isinstance(answer, bool) \
+        and abs(answer - want) <= max(0.002, 0.03 * abs(want))
+    report("gigabytes saved on a 7B model", [Check.true(
+        f"7e9 weights: QLoRA's setting (blocksize 64, double quantization) minus yours, in GB "
+        f"(within 3%)", ok, f"{want:.4f} GB", repr(answer),
+        hint="(bits per parameter at 64 with double quantization - yours) * 7e9 / 8 bytes, then "
+             "divide by 1e9. A negative answer means your choice needs more memory.")])
+
+
+#: Reflection 3, multiple choice: why does the error grow with the block size?
+WHY_ERROR_GROWS = {
+    "a": "A larger block holds fewer codes, so each weight gets fewer bits.",
+    "b": "A larger block is more likely to hold a large weight; its absmax stretches the 16 codes "
+         "over a wider range, so the typical weights, near zero, share fewer and coarser codes.",
+    "c": "Double quantization rounds the absmax of a larger block more coarsely.",
+    "d": "A larger block needs more bytes of constants, which leaves less for the codes.",
+}
+_WHY_FEEDBACK = {
+    "a": "Every weight gets a 4-bit code at any block size: the codes per weight do not change.",
+    "c": "The error grows the same way with double quantization off: look at both columns.",
+    "d": "The opposite: a larger block has fewer constants per weight (the bits column falls).",
+}
+
+
+@exercise(points=1)
+def check_why_error_grows(answer: str) -> None:
+    """Reflection 3: multiple choice, :data:`WHY_ERROR_GROWS`; feedback on a wrong letter."""
+    letter = answer.strip().lower() if isinstance(answer, str) else answer
+    known = letter in WHY_ERROR_GROWS
+    report("why the error grows with the block size", [Check.true(
+        "the reason the error grows with the block size", letter == "b",
+        "the letter of the right option", repr(answer) if not known else
+        f"{letter}: {WHY_ERROR_GROWS[letter]}",
+        hint=_WHY_FEEDBACK.get(letter, "Answer with one of the letters a, b, c, d as a string.")
+        + " Think of what the absmax of a block is, and what that does to the 16 codes.")])
 
 #: Hints on demand (``lab03.hint("pack_nibbles")`` in the lab): a nudge first, nearly the code last.
 hint = Hints("lab03", {

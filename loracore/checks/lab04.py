@@ -4,11 +4,17 @@ drop-and-rescale and the learner's whole TIES, each against :mod:`loracore.merge
 The inputs hold the cases where merging code usually goes wrong: exact zeros (they vote for no
 sign), columns where the larger total and the majority of votes disagree, equal totals (a tie
 elects +), and columns where no task agrees with the elected sign (0, not a division by zero).
+
+Then the learner decides: a merge method and density from a sweep the lab runs. The check merges
+the chosen way again (:func:`merge_fn`, with loracore's merge functions), scores both tasks with
+the lab's own scoring function, and accepts the choice when it is within one question of the
+best in the sweep: with a few held-out questions per task, closer scores are ties. The reflection
+questions are scored from the lab's own table.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -143,6 +149,150 @@ def check_ties(my_ties: Callable[..., torch.Tensor]) -> None:
                                        "then apply the weights and take the disjoint mean."))
     report("my_ties", checks)
 
+
+
+# --------------------------------------------------------------------------- the decision
+
+#: The merge methods of the lab's sweep: (method, density) with density 1.0 for "linear".
+METHODS = ("linear", "ties", "dare")
+#: The seed of DARE's random drop: the sweep and the check draw the same masks.
+DARE_SEED = 0
+
+Scores = tuple[float, float]  # (capitals accuracy, records accuracy), each in [0, 1]
+
+
+def merge_fn(method: str, density: float, weights: torch.Tensor) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """A function ``[ΔW_capitals, ΔW_records] -> merged ΔW`` (each ``(out, in)``) for one merge.
+
+    ``"linear"`` is the weighted sum (``density`` must be 1.0), ``"ties"`` TIES at ``density``,
+    ``"dare"`` DARE's drop-and-rescale then the sum, its masks drawn from one generator seeded
+    with :data:`DARE_SEED` on the tensors' device, layer after layer: calling ``merge_fn`` again
+    draws the same masks. Example: ``merge_fn("ties", 0.3, torch.tensor([1.0, 1.0]))``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"lab04 merge_fn: method must be one of {METHODS}, got {method!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"lab04 merge_fn: density must be a number in (0, 1], got {density!r}")
+    if method == "linear":
+        if density != 1:
+            raise ValueError(f"lab04 merge_fn: the linear merge keeps everything: density 1.0, "
+                             f"got {density!r}")
+        return lambda deltas: M.task_arithmetic(deltas, weights)
+    if method == "ties":
+        return lambda deltas: M.ties(deltas, weights, density)
+    generator: list[torch.Generator] = []  # made on the first call, on the tensors' device
+
+    def dare(deltas: list[torch.Tensor]) -> torch.Tensor:
+        if not generator:
+            generator.append(torch.Generator(device=deltas[0].device).manual_seed(DARE_SEED))
+        return M.dare_linear(deltas, weights, density, generator=generator[0])
+    return dare
+
+
+def _right(scores: Scores, n_eval: int) -> int:
+    """Questions answered right over both tasks (each accuracy is a count out of ``n_eval``)."""
+    return round((scores[0] + scores[1]) * n_eval)
+
+
+def _label(choice: tuple) -> str:
+    return choice[0] if choice[0] == "linear" else f"{choice[0]} at density {choice[1]}"
+
+
+def _in_sweep(choice: Any, sweep: dict, title: str) -> tuple[str, float]:
+    """``choice`` as ``(method, density)`` when it is a row of ``sweep``; else fail with the rows."""
+    if not (isinstance(choice, tuple) and len(choice) == 2 and choice in sweep):
+        report(title, [Check("your choice is one of the merges in the sweep", False,
+                             "one of " + ", ".join(repr(k) for k in sweep), repr(choice)[:120],
+                             hint='A tuple (method, density) as in the table, e.g. ("dare", 0.5).')])
+    return choice
+
+
+@exercise(points=2)
+def check_merge_choice(choice: tuple[str, float], sweep: dict[tuple[str, float], Scores],
+                       merged_scores: Callable[[Callable], Scores], weights: torch.Tensor,
+                       n_eval: int) -> None:
+    """Decision: ``choice`` is within one question (both tasks together) of the sweep's best, and
+    merging it again gives the sweep's scores for it."""
+    method, density = _in_sweep(choice, sweep, "your merge choice")
+    again = tuple(merged_scores(merge_fn(method, density, weights)))
+    best = max(sweep, key=lambda k: _right(sweep[k], n_eval))
+    right, top = _right(again, n_eval), _right(sweep[best], n_eval)
+    tied = [_label(k) for k in sweep if _right(sweep[k], n_eval) >= top - 1]
+    print(f"  note  {_label(choice)} merged and scored again: capitals {again[0]:.0%}, records "
+          f"{again[1]:.0%}, {right} of {2 * n_eval} questions; within one question of the best: "
+          + ", ".join(tied))
+    report("your merge choice", [
+        Check.true("merged again, it scores what your table says", again == tuple(sweep[choice]),
+                   f"capitals {sweep[choice][0]:.0%}, records {sweep[choice][1]:.0%} (your table)",
+                   f"capitals {again[0]:.0%}, records {again[1]:.0%}",
+                   hint="Run the sweep cell again, then your choice and this check, without "
+                        "changing the table in between."),
+        Check.true(f"within one question (of {2 * n_eval}, both tasks) of the best in the sweep",
+                   right >= top - 1, f"at least {top - 1} right ({_label(best)} gets {top})",
+                   f"{right} right, {top - 1 - right} too few" if right < top - 1 else f"{right} right",
+                   hint="Add up both tasks' scores for each row of the table: which rows are within "
+                        "one question of the highest total?"),
+    ])
+
+
+@exercise(points=1)
+def check_merge_cost(answer: int, choice: tuple[str, float], sweep: dict[tuple[str, float], Scores],
+                     results: dict[str, Scores], n_eval: int) -> None:
+    """Reflection 1: questions (both tasks) the chosen merge gets right fewer than the adapters alone."""
+    _in_sweep(choice, sweep, "what your merge costs")
+    alone = round((results["capitals adapter alone"][0] + results["records adapter alone"][1]) * n_eval)
+    want = alone - _right(sweep[choice], n_eval)
+    ok = isinstance(answer, (int, float)) and not isinstance(answer, bool) and answer == want
+    report("what your merge costs", [Check.true(
+        "questions right with each adapter alone on its own task, minus with your merge",
+        ok, str(want), repr(answer),
+        hint=f"Alone: capitals adapter on capitals + records adapter on records, out of {n_eval} "
+             f"each (accuracy × {n_eval}); then the same for your merge on both tasks; subtract.")])
+
+
+@exercise(points=1)
+def check_which_task_lost(answer: str, choice: tuple[str, float], sweep: dict[tuple[str, float], Scores],
+                          results: dict[str, Scores]) -> None:
+    """Reflection 2: which task the chosen merge costs more ("capitals", "records" or "same")."""
+    _in_sweep(choice, sweep, "which task your merge costs more")
+    lost = (results["capitals adapter alone"][0] - sweep[choice][0],
+            results["records adapter alone"][1] - sweep[choice][1])
+    want = "capitals" if lost[0] > lost[1] else "records" if lost[1] > lost[0] else "same"
+    got = answer.strip().lower() if isinstance(answer, str) else answer
+    report("which task your merge costs more", [Check.true(
+        "the task that loses more accuracy in your merge than with its adapter alone", got == want,
+        f"{want!r} (capitals loses {lost[0]:+.0%} points, records {lost[1]:+.0%})"
+        if got in ("capitals", "records", "same") else '"capitals", "records" or "same"',
+        repr(answer), hint="Compare each task's score in your merge with its own adapter alone, "
+                           "from the table; equal losses are \"same\".")])
+
+
+#: Reflection 3, multiple choice: why does DARE divide the entries it keeps by the density?
+WHY_RESCALE = {
+    "a": "To make the merged update sparse, so that the model is smaller.",
+    "b": "To settle the sign conflicts between the two tasks.",
+    "c": "So that every entry keeps its expected value: kept with probability density and divided by "
+         "it, the dropped update is on average the update itself, and the merged ΔW keeps its size.",
+    "d": "So that both tasks get the same weight in the merge.",
+}
+_RESCALE_FEEDBACK = {
+    "a": "The merged ΔW is added into the dense base weights: nothing gets smaller, and rescaling "
+         "does not change which entries are zero.",
+    "b": "DARE alone elects no sign (that is TIES' step, or DARE-TIES'): its sum keeps the conflicts.",
+    "d": "The weights do that (w = [1, 1] here); the rescaling is per entry, the same for both tasks.",
+}
+
+
+@exercise(points=1)
+def check_why_rescale(answer: str) -> None:
+    """Reflection 3: multiple choice, :data:`WHY_RESCALE`; feedback on a wrong letter."""
+    letter = answer.strip().lower() if isinstance(answer, str) else answer
+    report("why DARE rescales", [Check.true(
+        "the reason DARE divides the kept entries by the density", letter == "c",
+        "the letter of the right option",
+        f"{letter}: {WHY_RESCALE[letter]}" if letter in WHY_RESCALE else repr(answer),
+        hint=_RESCALE_FEEDBACK.get(letter, "Answer with one of the letters a, b, c, d as a string.")
+        + " What is the average of an entry that is t / density with probability density, else 0?")])
 
 #: Hints on demand (``checks.hint("trim")`` in the lab): a nudge first, nearly the code last.
 hint = Hints("lab04", {
