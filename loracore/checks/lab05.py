@@ -1,13 +1,24 @@
 """Checks for lab 05, "serve swapped adapters": the per-row gather, the batched LoRA product,
-and the mixed-adapter layer that leaves rows without an adapter untouched.
+the mixed-adapter layer that leaves rows without an adapter untouched, the eviction policy the
+learner decides on, and the reflection questions on what the lab measured.
 
-Every check uses non-zero factors and adapters of different ranks (zero-padded in the stacks),
-so code that ignores a row's adapter, or mixes two rows' adapters, fails.
+Every check of the three functions uses non-zero factors and adapters of different ranks
+(zero-padded in the stacks), so code that ignores a row's adapter, or mixes two rows' adapters,
+fails.
+
+The eviction decision is pure Python: :func:`request_trace` draws a deterministic, skewed trace of
+adapter requests (popularity that shifts twice, and batch jobs that sweep rarely used adapters),
+:func:`simulate` replays it through ``SLOTS`` resident slots with a policy that picks the adapter
+to evict, and :func:`lru` and :func:`fifo` are the baselines. The check scores the learner's
+policy on a trace the learner never saw (another seed), against LRU measured on that same trace.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import random
+from numbers import Real
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,7 +40,7 @@ def _stacks(seed: int = 0, d_in: int = 12, d_out: int = 10, max_rank: int = 4):
     return A, B, A_stack, B_stack, scales, x, base_out
 
 
-@exercise(points=2)
+@exercise(points=1)
 def check_gather_rows(gather_rows: Callable) -> None:
     """Exercise 1: ``gather_rows(A_stack, B_stack, scales, slots) -> (A_rows, B_rows, scale_rows)``."""
     _, _, A_stack, B_stack, scales, _, _ = _stacks()
@@ -50,7 +61,7 @@ def check_gather_rows(gather_rows: Callable) -> None:
     ])
 
 
-@exercise(points=4)
+@exercise(points=1)
 def check_batched_lora(batched_lora: Callable) -> None:
     """Exercise 2: ``batched_lora(x, A_rows, B_rows, scale_rows) -> (rows, seq, out)`` with bmm."""
     A, B, A_stack, B_stack, scales, x, _ = _stacks(1)
@@ -64,7 +75,7 @@ def check_batched_lora(batched_lora: Callable) -> None:
     ])
 
 
-@exercise(points=4)
+@exercise(points=2)
 def check_mixed_lora(mixed_lora: Callable) -> None:
     """Exercise 3: ``mixed_lora(base_out, x, A_stack, B_stack, scales, slots)``; ``-1`` = no adapter."""
     A, B, A_stack, B_stack, scales, x, base_out = _stacks(2)
@@ -90,6 +101,210 @@ def check_mixed_lora(mixed_lora: Callable) -> None:
         checks.append(Check.close("output shape", got, before,
                                   hint="Return a tensor shaped like base_out: (rows, seq, out)."))
     report("mixed_lora", checks)
+
+
+# --------------------------------------------------------------------------- the eviction decision
+
+#: The adapters the request traces name.
+ADAPTERS = tuple(f"lora-{i:02d}" for i in range(12))
+#: The memory budget: adapters that fit in the server's slots at once.
+SLOTS = 4
+#: The decision passes when its hit rate beats LRU's by this much on the held-out trace.
+MARGIN = 0.05
+#: The trace the lab shows (seed) and the one the check scores on, which the lab never shows.
+VISIBLE_SEED, HELD_OUT_SEED = 0, 2025
+TRACE_LENGTH = 3000
+
+Policy = Callable[[list[str], list[str]], str]
+
+
+def request_trace(seed: int = VISIBLE_SEED, n: int = TRACE_LENGTH) -> list[str]:
+    """A deterministic trace of ``n`` adapter requests (names from :data:`ADAPTERS`).
+
+    Three phases of equal length, each with its own popularity ranking of the 12 adapters
+    (Zipf-like: the k-th most popular is asked for about 1/k^1.1 as often as the first), so what
+    is popular changes twice; and, now and then (one request in 150 on average), a batch job
+    that asks for 5 distinct adapters of the phase's less popular two thirds in a row.
+    ``seed`` fixes everything: the same seed gives the same list on every machine.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"lab05.request_trace: n must be a positive int, got {n!r}")
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(ADAPTERS))]
+    trace: list[str] = []
+    for phase in range(3):
+        ranking = list(ADAPTERS)
+        rng.shuffle(ranking)
+        end = n * (phase + 1) // 3
+        while len(trace) < end:
+            if rng.random() < 1 / 150:  # a batch job sweeps adapters few users ask for
+                trace += rng.sample(ranking[len(ranking) // 3:], 5)
+            else:
+                trace.append(rng.choices(ranking, weights)[0])
+    return trace[:n]
+
+
+class PolicyError(ValueError):
+    """A policy returned something that is not one of the resident adapters."""
+
+
+def simulate(choose_victim: Policy, trace: Sequence[str], slots: int = SLOTS) -> float:
+    """Replay ``trace`` through ``slots`` slots; return the hit rate (hits / requests).
+
+    A request for a resident adapter is a hit. Any other is a miss: the adapter is read into a
+    free slot, or, when all ``slots`` are taken, into the slot of
+    ``choose_victim(resident, history)``, where ``resident`` lists the resident adapters in the
+    order they were read in (oldest first) and ``history`` is every request so far, oldest first,
+    the one being served last (it is not resident). Both are fresh lists on every call.
+    Raises :class:`PolicyError` when the policy names an adapter that is not resident.
+    """
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        raise ValueError(f"lab05.simulate: slots must be a positive int, got {slots!r}")
+    trace = list(trace)
+    if not trace:
+        raise ValueError("lab05.simulate: the trace is empty")
+    resident: list[str] = []
+    hits = 0
+    for t, name in enumerate(trace):
+        if name in resident:
+            hits += 1
+            continue
+        if len(resident) == slots:
+            victim = call_learner(choose_victim, list(resident), trace[:t + 1])
+            if not isinstance(victim, str) or victim not in resident:
+                raise PolicyError(f"at request {t} ({name!r} needed a slot) the policy returned "
+                                  f"{victim!r}, which is not one of the resident adapters {resident}")
+            resident.remove(victim)
+        resident.append(name)
+    return hits / len(trace)
+
+
+def lru(resident: list[str], history: list[str]) -> str:
+    """Evict the resident adapter whose last request is the oldest (what ``loracore.serve`` does)."""
+    seen: set[str] = set()
+    if len(resident) == 1:
+        return resident[0]
+    for name in reversed(history[:-1]):  # walk back until all but one resident have been asked for
+        if name in resident:
+            seen.add(name)
+            if len(seen) == len(resident) - 1:
+                break
+    return next(name for name in resident if name not in seen)
+
+
+def fifo(resident: list[str], history: list[str]) -> str:
+    """Evict the adapter that was read in first, however often it is asked for."""
+    return resident[0]
+
+
+def lru_slots_to_match(choose_victim: Policy, trace: Sequence[str], slots: int = SLOTS) -> int:
+    """The fewest slots with which LRU's hit rate on ``trace`` reaches ``choose_victim``'s with
+    ``slots`` slots (at most one slot per adapter in the trace, where every request after the
+    first of each adapter is a hit)."""
+    target = simulate(choose_victim, trace, slots)
+    distinct = len(set(trace))
+    return next((k for k in range(1, distinct) if simulate(lru, trace, k) >= target), distinct)
+
+
+@exercise(points=3)
+def check_eviction_policy(choose_victim: Callable) -> None:
+    """Decision: ``choose_victim(resident, history) -> name`` beats LRU by :data:`MARGIN` on a
+    held-out trace, with :data:`SLOTS` slots."""
+    trace = request_trace(HELD_OUT_SEED)
+    try:
+        mine = simulate(choose_victim, trace)
+    except PolicyError as e:
+        report("eviction_policy", [Check(
+            "returns one of the resident adapters", False, "a name from `resident`", str(e),
+            "Return an element of the `resident` list you were given (a str), never a new name.")])
+    base, first_in = simulate(lru, trace), simulate(fifo, trace)
+    gap = round(mine - (base + MARGIN), 9)  # hit rates are counts / len(trace): no rounding noise
+    report("eviction_policy", [
+        Check.true(f"on a held-out trace ({len(trace)} requests, {SLOTS} slots) the hit rate beats "
+                   f"LRU's by at least {MARGIN * 100:.0f} percentage points", gap >= 0,
+                   f">= {base + MARGIN:.1%} (LRU {base:.1%} + {MARGIN * 100:.0f} points; FIFO "
+                   f"{first_in:.1%})",
+                   f"{mine:.1%}" + ("" if gap >= 0 else f": {-gap * 100:.1f} points short"),
+                   hint="Look at the visible trace's picture: which adapters are busy, for how long, "
+                        "and what a batch job's sweep does to LRU's slots. Try each idea on the visible "
+                        "trace with simulate(choose_victim, trace) against simulate(lru, trace) first."),
+    ])
+
+
+# --------------------------------------------------------------------------- reflection questions
+
+#: How far a number read off the figure may be from the measured one (relative).
+READ_TOLERANCE = 0.25
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+@exercise(points=1)
+def check_batching_gain(batching_gain: object, curves: dict) -> None:
+    """Reflection 1: the one-adapter line's tokens/s at the largest concurrency over at 1, read off
+    the figure (within :data:`READ_TOLERANCE` of the measured ratio)."""
+    levels, rates = list(curves["concurrency"]), list(curves["one adapter"])
+    measured = rates[-1] / rates[0]
+    got = _number(batching_gain)
+    ok = got is not None and abs(got - measured) <= READ_TOLERANCE * measured
+    report("batching_gain", [Check.true(
+        f"tokens/s of one adapter with {levels[-1]} clients at once / with {levels[0]}, as this run "
+        f"measured it (within {READ_TOLERANCE:.0%})", ok,
+        f"about {measured:.2f} ({rates[-1]:.1f} / {rates[0]:.1f} tokens/s)",
+        repr(batching_gain) if got is None else f"{got:.2f}",
+        hint="Read two points of the one-adapter line, the rightmost and the leftmost, and divide "
+             "the first by the second. The check compares with this run's measurement: if the "
+             "lab ran again, read the new figure (or the printed table).")])
+
+
+#: Question 2's choices: the right one, and why each other one is wrong.
+SWAP_CHOICES = {
+    "A": "Two or three adapters in one batch need a slower product than one adapter.",
+    "B": "A request whose adapter is not in a slot waits while the server evicts one and reads its "
+         "own from disk; asking for three adapters in turn over two slots, nearly every request does.",
+    "C": "The server loads the base model again whenever a request names another adapter.",
+    "D": "capitals-v2 is a copy of capitals, so their rows collide in the batch and are computed twice.",
+}
+SWAP_ANSWER = "B"
+_SWAP_WHY_NOT = {
+    "A": "the mixed line (two adapters, both resident) runs about as fast as one adapter: the "
+         "batched product gathers each row's factors whatever the mix.",
+    "C": "the base weights are loaded once and never written; only an adapter's small factors are "
+         "read into a slot.",
+    "D": "routing is per row: capitals-v2 has its own slot, and no row ever sees another's adapter.",
+}
+
+
+@exercise(points=1)
+def check_swap_reason(swap_reason: object) -> None:
+    """Reflection 2 (multiple choice): why the swapping load makes fewer tokens/s."""
+    got = swap_reason.strip().upper() if isinstance(swap_reason, str) else swap_reason
+    if got == SWAP_ANSWER:
+        why = ""
+    elif got in _SWAP_WHY_NOT:
+        why = f"not {got}: {_SWAP_WHY_NOT[got]}"
+    else:
+        why = f"one of the letters {', '.join(SWAP_CHOICES)} (a str)"
+    report("swap_reason", [Check.true(
+        "why three adapters over two slots make fewer tokens/s", got == SWAP_ANSWER,
+        "the choice that the lab's measurements support", repr(swap_reason), hint=why)])
+
+
+@exercise(points=1)
+def check_lru_slots_needed(lru_slots_needed: object, choose_victim: Callable) -> None:
+    """Reflection 3: how many slots LRU needs on the visible trace to match the learner's policy
+    with :data:`SLOTS` (computed here from the learner's own policy)."""
+    trace = request_trace(VISIBLE_SEED)
+    want = lru_slots_to_match(choose_victim, trace)
+    report("lru_slots_needed", [Check.equal(
+        f"the fewest slots with which LRU's hit rate on the visible trace reaches your policy's with "
+        f"{SLOTS}", lru_slots_needed, want,
+        hint="simulate(lru, trace, slots=k) for k = 4, 5, 6, ...: the first k whose hit rate is at "
+             "least simulate(choose_victim, trace)'s. Each slot is one adapter's memory.")])
 
 
 #: Hints on demand (``loracore.hint("lab05", "mixed_lora")`` in the lab): a nudge first,
@@ -120,5 +335,14 @@ hint = Hints("lab05", {
         "    A_rows, B_rows, scale_rows = gather_rows(A_stack, B_stack, scales, slots[rows])\n"
         "    out[rows] = base_out[rows] + batched_lora(x[rows], A_rows, B_rows, scale_rows)\n"
         "return out",
+    ),
+    "choose_victim": (
+        "LRU forgets everything but the last request of each adapter. Count: how often was each "
+        "resident adapter asked for? Then ask: over which part of the history?",
+        "A batch job asks for five cold adapters once each: LRU evicts busy adapters for them. "
+        "Counting requests keeps the busy ones, but counts over the whole history keep the "
+        "adapters that were busy two phases ago; count over a recent window instead.",
+        "recent = collections.Counter(history[-WINDOW:])  # WINDOW: yours to choose, on the visible trace\n"
+        "return min(resident, key=lambda name: recent[name])",
     ),
 })
