@@ -38,8 +38,8 @@ def _learner(source: Path) -> nbformat.NotebookNode:
 
 
 def _cell(nb: nbformat.NotebookNode, text: str) -> nbformat.NotebookNode:
-    """The one cell whose source holds ``text``."""
-    found = [c for c in nb.cells if text in c.source]
+    """The one code cell whose source holds ``text``."""
+    found = [c for c in nb.cells if c.cell_type == "code" and text in c.source]
     assert len(found) == 1, (text, len(found))
     return found[0]
 
