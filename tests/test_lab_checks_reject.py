@@ -14,6 +14,7 @@ with points.
 from __future__ import annotations
 
 import ast
+import collections
 import math
 import re
 from pathlib import Path
@@ -457,6 +458,19 @@ def mixed_wrong_adapter(out, x, A, B, s, slots):  # every adapted row takes the 
     return apply_mixed_lora(out, x, A, B, s, shifted)
 
 
+def recent_counts(resident, history):  # lab 05's decision: the adapter asked for least lately
+    recent = collections.Counter(history[-200:])
+    return min(resident, key=lambda name: recent[name])
+
+
+def all_time_counts(resident, history):  # tempting: counts that never forget a past phase
+    counts = collections.Counter(history)
+    return min(resident, key=lambda name: counts[name])
+
+
+CURVES = {"concurrency": [1, 2, 4, 8], "one adapter": [10.0, 16.0, 24.0, 30.0]}
+
+
 # --------------------------------------------------------------------------- the right answers pass
 
 RIGHT = [
@@ -484,6 +498,10 @@ RIGHT = [
     pytest.param(lab05.check_gather_rows, lambda: (gather_factors,), id="lab05-gather_rows"),
     pytest.param(lab05.check_batched_lora, lambda: (batched_lora_delta,), id="lab05-batched_lora"),
     pytest.param(lab05.check_mixed_lora, lambda: (apply_mixed_lora,), id="lab05-mixed_lora"),
+    pytest.param(lab05.check_eviction_policy, lambda: (recent_counts,), id="lab05-eviction_policy"),
+    pytest.param(lab05.check_batching_gain, lambda: (2.8, CURVES), id="lab05-batching_gain"),
+    pytest.param(lab05.check_swap_reason, lambda: (" b",), id="lab05-swap_reason"),
+    pytest.param(lab05.check_lru_slots_needed, lambda: (6, recent_counts), id="lab05-lru_slots_needed"),
 ]
 
 
@@ -651,6 +669,22 @@ MISTAKES = [
                  id="lab05-mixed-base-rows-get-slot-0"),
     pytest.param(lab05.check_mixed_lora, lambda: (mixed_wrong_adapter,), "A_stack[slots[i]]",
                  id="lab05-mixed-wrong-adapter"),
+    pytest.param(lab05.check_eviction_policy, lambda: (lab05.lru,), "simulate(lru, trace)",
+                 id="lab05-eviction-the-servers-own-lru"),
+    pytest.param(lab05.check_eviction_policy, lambda: (all_time_counts,), "for how long",
+                 id="lab05-eviction-counts-that-never-forget"),
+    pytest.param(lab05.check_eviction_policy, lambda: (lambda resident, history: "lora-99",),
+                 "an element of the `resident` list", id="lab05-eviction-names-no-resident"),
+    pytest.param(lab05.check_batching_gain, lambda: (1.5, CURVES), "divide the first by the second",
+                 id="lab05-batching-gain-misread"),
+    pytest.param(lab05.check_batching_gain, lambda: (1 / 3, CURVES), "divide the first by the second",
+                 id="lab05-batching-gain-upside-down"),
+    pytest.param(lab05.check_swap_reason, lambda: ("A",), "runs about as fast as one adapter",
+                 id="lab05-swap-blames-the-product"),
+    pytest.param(lab05.check_swap_reason, lambda: ("C",), "loaded once", id="lab05-swap-blames-the-base"),
+    pytest.param(lab05.check_swap_reason, lambda: ("yes",), "one of the letters", id="lab05-swap-not-a-letter"),
+    pytest.param(lab05.check_lru_slots_needed, lambda: (4, recent_counts), "simulate(lru, trace, slots=k)",
+                 id="lab05-lru-slots-as-many-as-yours"),
 ]
 
 
