@@ -27,6 +27,8 @@ from torch import nn
 
 from loracore import merge as M
 from loracore.checks import lab01, lab02, lab03, lab04, lab05
+
+from test_lab03_lab04_decisions import RESULTS, SWEEP, W, _heavy_tailed, _merged_scores  # noqa: E402
 from loracore.data import IGNORE_INDEX
 from loracore.evaluate import normalize_answer
 from loracore.nf4 import dynamic_code
@@ -495,6 +497,19 @@ RIGHT = [
     pytest.param(lab04.check_disjoint_mean, lambda: (M.disjoint_merge,), id="lab04-disjoint_mean"),
     pytest.param(lab04.check_drop_and_rescale, lambda: (drop_and_rescale,), id="lab04-drop_and_rescale"),
     pytest.param(lab04.check_ties, lambda: (M.ties,), id="lab04-ties"),
+    # labs 03 and 04: the decisions and questions (cases of tests/test_lab03_lab04_decisions.py)
+    pytest.param(lab03.check_nf4_choice, lambda: (128, True, _heavy_tailed()), id="lab03-nf4_choice"),
+    pytest.param(lab03.check_constant_bits, lambda: (lambda w: (lab03.nf4_cost(w, 256, True)[0] - 4, 256, True, w))(
+        _heavy_tailed()), id="lab03-constant_bits"),
+    pytest.param(lab03.check_saved_gb, lambda: (7e9 * ((8 / 64 + 32 / (64 * 256)) - (8 / 256 + 32 / (256 * 256)))
+                                                / 8 / 1e9, 256, True), id="lab03-saved_gb"),
+    pytest.param(lab03.check_why_error_grows, lambda: (" B",), id="lab03-why_error_grows"),
+    pytest.param(lab04.check_merge_choice, lambda: (("ties", 0.3), SWEEP, _merged_scores(SWEEP), W, 8),
+                 id="lab04-merge_choice"),
+    pytest.param(lab04.check_merge_cost, lambda: (2, ("ties", 0.3), SWEEP, RESULTS, 8), id="lab04-merge_cost"),
+    pytest.param(lab04.check_which_task_lost, lambda: ("records", ("ties", 0.3), SWEEP, RESULTS),
+                 id="lab04-which_task_lost"),
+    pytest.param(lab04.check_why_rescale, lambda: ("c",), id="lab04-why_rescale"),
     pytest.param(lab05.check_gather_rows, lambda: (gather_factors,), id="lab05-gather_rows"),
     pytest.param(lab05.check_batched_lora, lambda: (batched_lora_delta,), id="lab05-batched_lora"),
     pytest.param(lab05.check_mixed_lora, lambda: (apply_mixed_lora,), id="lab05-mixed_lora"),
@@ -652,6 +667,19 @@ MISTAKES = [
                  id="lab04-ties-weights-before-election"),
     pytest.param(lab04.check_ties, lambda: (ties_untrimmed,), "Trim each task", id="lab04-ties-no-trim"),
     # lab 05
+    # labs 03 and 04: the decisions and questions
+    pytest.param(lab03.check_nf4_choice, lambda: (64, False, _heavy_tailed()), "bits", id="lab03-nf4-over-budget"),
+    pytest.param(lab03.check_constant_bits, lambda: (lambda w: (lab03.nf4_cost(w, 256, True)[0], 256, True, w))(
+        _heavy_tailed()), "subtract", id="lab03-constant-bits-with-the-codes"),
+    pytest.param(lab03.check_saved_gb, lambda: (1.0, 256, True), "7e9 / 8 bytes", id="lab03-saved-gb-wrong"),
+    pytest.param(lab03.check_why_error_grows, lambda: ("d",), "bits column falls", id="lab03-why-error-wrong"),
+    pytest.param(lab04.check_merge_choice, lambda: (("ties", 0.7), SWEEP, _merged_scores(SWEEP), W, 8),
+                 "within one question of the highest total", id="lab04-merge-choice-a-question-short"),
+    pytest.param(lab04.check_merge_cost, lambda: (3, ("ties", 0.3), SWEEP, RESULTS, 8), "Alone:",
+                 id="lab04-merge-cost-miscounted"),
+    pytest.param(lab04.check_which_task_lost, lambda: ("capitals", ("ties", 0.3), SWEEP, RESULTS),
+                 "Compare each task", id="lab04-which-task-wrong"),
+    pytest.param(lab04.check_why_rescale, lambda: ("b",), "elects no sign", id="lab04-why-rescale-wrong"),
     pytest.param(lab05.check_gather_rows, lambda: (gather_first_rows,), "A_stack[slots]",
                  id="lab05-gather-first-slots"),
     pytest.param(lab05.check_gather_rows, lambda: (gather_B_by_position,), "B_stack[slots]",
@@ -748,6 +776,9 @@ def test_the_hint_reader_finds_a_missing_hint(tmp_path):
     assert len(calls) == 3 and hints[0] is None and hints[1] is not None and len(calls[2].args) == 5
 
 
+LAB_POINTS = {"lab01": 10, "lab02": 10, "lab03": 15, "lab04": 15, "lab05": 10}
+
+
 @pytest.mark.parametrize("module", CHECK_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_every_check_function_is_an_exercise_with_points(module):
     from loracore.grade.labs import exercises_of
@@ -757,8 +788,9 @@ def test_every_check_function_is_an_exercise_with_points(module):
     found = {e.name: e.points for e in exercises_of(module.__name__)}
     assert set(found) == set(checks), (set(checks) - set(found))
     assert all(p > 0 for p in found.values()), found
-    # The course's convention (labs 01-03): each lab is worth 10 points.
-    assert sum(found.values()) == 10, found
+    # Each lab's total (labs 03 and 04 gained a decision
+    # and three questions: 15; labs 01, 02 and 05: 10).
+    assert sum(found.values()) == LAB_POINTS[module.__name__.rsplit(".", 1)[-1]], found
 
 
 # --------------------------------------------------------------------------- the stubs in labs/ carry hints

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from loracore.nf4 import check_blocksize, dequantize_nf4, nf4_code, quantize_nf4
+from loracore import nf4
+from loracore.nf4 import dequantize_nf4, nf4_code, quantize_nf4
 from loracore.selfcheck import Check, Hints, call_learner, exercise, report
 
 
@@ -276,7 +277,7 @@ def _choice(blocksize: Any, double_quant: Any, title: str) -> None:
         problem = f"DOUBLE_QUANT must be True or False, got {double_quant!r}"
     else:
         try:
-            check_blocksize(blocksize, "BLOCKSIZE")
+            nf4.check_blocksize(blocksize, "BLOCKSIZE")
         except ValueError as exc:
             problem = str(exc)
     if problem:
