@@ -19,6 +19,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from test_grade import _learner
+
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTION = ROOT / "solutions" / "lab05_serve_adapters.ipynb"
 LAB = ROOT / "labs" / "lab05_serve_adapters.ipynb"
@@ -27,14 +29,6 @@ EXERCISES = ("gather_rows", "batched_lora", "mixed_lora", "eviction_policy", "ba
              "swap_reason", "lru_slots_needed")
 FULL = {"gather_rows": "1", "batched_lora": "1", "mixed_lora": "2", "eviction_policy": "3",
         "batching_gain": "1", "swap_reason": "1", "lru_slots_needed": "1", "total": "10"}
-
-
-def _learner(source: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(source, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    return nb
 
 
 def _cell(nb: nbformat.NotebookNode, text: str) -> nbformat.NotebookNode:
